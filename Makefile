@@ -1,0 +1,29 @@
+# Two commands for a fresh machine: `make demo` (main job) and `make test` (test suite).
+# Both create .venv and install a pinned CPU torch when the environment has none.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+DEMO_DIR ?= outputs/demo
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: setup
+	$(PY) -m tokenmerge.tiny $(DEMO_DIR)/tiny-sd1
+	$(VENV)/bin/tokenmerge generate --model $(DEMO_DIR)/tiny-sd1 --prompt "a red circle on a blue square" \
+		--method importance --ratio 0.7 --steps 20 --seed 0 --height 256 --width 256 --out $(DEMO_DIR) --compare
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,14 @@
+"""tokenmerge: training-free token merging for diffusion models in Hugging Face diffusers.
+
+>>> import tokenmerge
+>>> tokenmerge.apply(pipe, tokenmerge.ImportanceMerge(ratio=0.7))
+>>> image = pipe(prompt).images[0]
+>>> tokenmerge.remove(pipe)
+"""
+
+from .api import apply, current_config, patched, remove
+from .methods import ImportanceMerge, ToMe
+from .state import PlanEvent
+
+__version__ = "0.1.0"
+__all__ = ["apply", "remove", "patched", "current_config", "ToMe", "ImportanceMerge", "PlanEvent", "__version__"]

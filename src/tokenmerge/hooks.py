@@ -1,0 +1,94 @@
+"""The forward hooks that carry tokens along the data path.
+
+::
+
+    denoiser   pre:  state.begin_call   (step, new run, latent size, CFG batch, user importance)
+               post: state.end_call     (CFG importance |eps_cond - eps_uncond| for the next step)
+    block      pre:  build the MergePlan from the block input
+    attn1/attn2/ff
+               pre:  x -> plan.merge(x)
+               post: y -> plan.unmerge(y)
+
+No diffusers ``forward`` is copied: the submodules are called exactly as diffusers calls them, on
+fewer tokens, so any attention processor (SDPA, custom, LoRA) keeps working.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .methods.base import PlanContext
+from .models.unet import PatchTarget
+from .plan import MergePlan
+from .state import PatchState, PlanEvent
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _replace_first(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (value, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": value}
+
+
+def install_denoiser_hooks(state: PatchState, denoiser: torch.nn.Module) -> None:
+    def before(module, args, kwargs):
+        sample, timestep = state.adapter.read_inputs(args, kwargs)
+        state.begin_call(sample, timestep)
+
+    def after(module, args, output):
+        state.end_call(output)
+
+    state.handles.append(denoiser.register_forward_pre_hook(before, with_kwargs=True))
+    state.handles.append(denoiser.register_forward_hook(after))
+
+
+class BlockPatch:
+    """Hooks of one transformer block: the plan lives here between the block's pre- and post-hook."""
+
+    def __init__(self, state: PatchState, target: PatchTarget) -> None:
+        self.state = state
+        self.target = target
+        self.plan: MergePlan | None = None
+
+    def install(self, submodules: list[torch.nn.Module]) -> None:
+        block = self.target.block
+        handles = self.state.handles
+        handles.append(block.register_forward_pre_hook(self._make_plan, with_kwargs=True))
+        handles.append(block.register_forward_hook(self._drop_plan))
+        for module in submodules:
+            handles.append(module.register_forward_pre_hook(self._merge, with_kwargs=True))
+            handles.append(module.register_forward_hook(self._unmerge))
+
+    def _make_plan(self, module, args, kwargs):
+        state = self.state
+        x = _first_tensor(args, kwargs)
+        grid = state.adapter.grid(state.latent_hw, self.target, x.shape[1])
+        groups = x.shape[0] // 2 if state.cfg_pairs else x.shape[0]
+        ctx = PlanContext(
+            grid=grid,
+            generator=state.generator(x.device),
+            cfg_pairs=state.cfg_pairs,
+            prune_phase=state.prune_phase,
+            importance=state.importance_on_grid(grid, groups) if state.config.uses_importance else None,
+        )
+        with torch.no_grad():
+            self.plan = state.config.make_plan(x.detach(), ctx)
+        if state.on_plan is not None:
+            state.on_plan(PlanEvent(state.clock.step, self.target.name, grid, self.plan, ctx.importance,
+                                    ctx.prune_phase))
+
+    def _drop_plan(self, module, args, output):
+        self.plan = None
+
+    def _merge(self, module, args, kwargs):
+        if self.plan is not None:
+            return _replace_first(args, kwargs, self.plan.merge(_first_tensor(args, kwargs)))
+        return None
+
+    def _unmerge(self, module, args, output):
+        if self.plan is not None:
+            return self.plan.unmerge(output)
+        return None

@@ -1,0 +1,6 @@
+"""Token-reduction methods: one config dataclass per method, each building a MergePlan."""
+
+from .importance import ImportanceMerge
+from .tome import ToMe
+
+__all__ = ["ToMe", "ImportanceMerge"]

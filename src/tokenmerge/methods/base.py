@@ -1,0 +1,74 @@
+"""What every method config shares: where to merge, validation helpers, and the context a plan sees."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..plan import MergePlan
+
+
+@dataclass
+class PlanContext:
+    """Everything a method may use to build a plan for one block call, besides the tokens.
+
+    Attributes:
+        grid: ``(height, width)`` of the block's token grid.
+        generator: the patch's private RNG on the tokens' device (never the global one).
+        cfg_pairs: True when the batch is ``[uncond; cond]`` and both halves must share one plan.
+        prune_phase: True during the first steps where the method prunes instead of merging.
+        importance: ``(pairs_or_batch, N)`` importance of each token, or None when none is known yet.
+    """
+
+    grid: tuple[int, int]
+    generator: torch.Generator
+    cfg_pairs: bool = False
+    prune_phase: bool = False
+    importance: torch.Tensor | None = None
+
+
+class MethodConfig:
+    """Mixin for method configs: placement fields and the ``make_plan`` contract."""
+
+    ratio: float
+    max_downsample: int
+    merge_attn: bool
+    merge_crossattn: bool
+    merge_mlp: bool
+    seed: int | None
+
+    #: Whether the method needs the per-token importance signal (so the denoiser hook computes it).
+    uses_importance = False
+
+    def make_plan(self, x: torch.Tensor, ctx: PlanContext) -> MergePlan | None:  # pragma: no cover
+        raise NotImplementedError
+
+    def max_ratio(self) -> float:  # pragma: no cover
+        raise NotImplementedError
+
+    def _validate_common(self) -> None:
+        check_range(self, "ratio", self.ratio, 0.0, self.max_ratio())
+        if self.max_downsample not in (1, 2, 4, 8):
+            raise ValueError(
+                f"{type(self).__name__}.max_downsample must be one of 1, 2, 4, 8 (levels from the first "
+                f"attention level), got {self.max_downsample!r}"
+            )
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"{type(self).__name__}.seed must be an int or None, got {self.seed!r}")
+        if not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
+            raise ValueError(
+                f"{type(self).__name__}: merge_attn, merge_crossattn and merge_mlp are all False, so nothing "
+                "would be merged; enable at least one (merge_attn=True is the papers' setting)"
+            )
+
+    def max_downsample_levels(self) -> int:
+        """How many attention levels, from the highest resolution down, are patched."""
+        return int(math.log2(self.max_downsample)) + 1
+
+
+def check_range(config: object, name: str, value: float, low: float, high: float) -> None:
+    """Raise ``ValueError`` naming the field unless ``low <= value <= high``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high):
+        raise ValueError(f"{type(config).__name__}.{name} must be in [{low:g}, {high:g}], got {value!r}")

@@ -1,0 +1,78 @@
+"""ToMeSD (Bolya & Hoffman, 2023) as the ``tomesd`` 0.1.3 package defines it.
+
+Destinations: one token per ``sy x sx`` cell (random, or the top-left one). Every other token is a
+source; the ``r = int(N * ratio)`` sources most similar (cosine) to their best destination are averaged
+into it, the rest stay independent. The plan is computed per batch element from the block input.
+
+Where we differ from tomesd, on purpose:
+
+* placement: ``max_downsample`` counts from the highest-resolution level *that has attention*
+  (on SD 1.x/2.x that is tomesd's meaning; on SDXL tomesd's default patches nothing);
+* a ratio above ``1 - 1/(sx*sy)`` raises instead of being clamped silently;
+* randomness comes from a private generator seeded from ``seed`` and reset at each pipeline call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..plan import MergePlan, cell_destinations, complement, gather_tokens, nearest_destination, plan_from_matching
+from .base import MethodConfig, PlanContext
+
+
+@dataclass(frozen=True)
+class ToMe(MethodConfig):
+    """Token Merging for Stable Diffusion (ToMeSD).
+
+    Args:
+        ratio: fraction of a block's tokens merged away, in ``[0, 1 - 1/(sx*sy)]`` (0.75 for 2x2).
+        max_downsample: patch attention levels up to this downsampling (1, 2, 4 or 8), counted from the
+            highest-resolution level that has attention: 1 = that level only (the paper's setting).
+        sx: horizontal stride of the destination cells.
+        sy: vertical stride of the destination cells.
+        use_rand: draw each cell's destination at random (True) or use its top-left token. As in
+            tomesd, odd batch sizes (no CFG pair) always use the top-left token.
+        merge_attn: merge around self-attention (``attn1``).
+        merge_crossattn: merge the queries of cross-attention (``attn2``).
+        merge_mlp: merge around the feed-forward (``ff``).
+        seed: seed of the private generator for the random destinations; None draws a fresh seed.
+    """
+
+    ratio: float = 0.5
+    max_downsample: int = 1
+    sx: int = 2
+    sy: int = 2
+    use_rand: bool = True
+    merge_attn: bool = True
+    merge_crossattn: bool = False
+    merge_mlp: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("sx", "sy"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
+                raise ValueError(f"ToMe.{name} must be an int in [1, 8], got {value!r}")
+        if self.sx * self.sy == 1:
+            raise ValueError("ToMe: sx * sy must be at least 2 (a 1x1 cell leaves no token to merge); use sx=2, sy=2")
+        self._validate_common()
+
+    def max_ratio(self) -> float:
+        return 1.0 - 1.0 / (self.sx * self.sy)
+
+    def make_plan(self, x: torch.Tensor, ctx: PlanContext) -> MergePlan | None:
+        batch, num_tokens, _ = x.shape
+        height, width = ctx.grid
+        merged = int(num_tokens * self.ratio)
+        if merged <= 0 or height < self.sy or width < self.sx:
+            return None
+        # tomesd: an odd batch holds no [uncond; cond] pair, and random cells then cause artifacts.
+        use_rand = self.use_rand and batch % 2 == 0
+        dst = cell_destinations(height, width, self.sy, self.sx, generator=ctx.generator if use_rand else None,
+                                device=x.device).expand(batch, -1)
+        src = complement(dst[:1], num_tokens).expand(batch, -1)
+        similarity, nearest = nearest_destination(gather_tokens(x, src), gather_tokens(x, dst))
+        order = similarity.argsort(dim=-1, descending=True)
+        return plan_from_matching(dst, order[:, merged:], src, nearest, num_tokens)

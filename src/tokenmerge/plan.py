@@ -1,0 +1,191 @@
+"""MergePlan and the tensor operations every method shares.
+
+A plan describes, for one batch of ``N`` tokens, which ``M`` tokens are kept (computed on)
+and which kept slot every token maps to. Every method in tokenmerge produces one; the hooks
+only ever call ``plan.merge`` and ``plan.unmerge``. Writing the token bookkeeping once, here,
+keeps the methods short and makes the invariants testable in one place:
+
+* ``unmerge(merge(x))`` has the shape of ``x``;
+* a kept token's unmerged output is exactly its own slot's value;
+* a merged (or pruned) token receives a copy of its destination's value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# Destination roles, as drawn in the computation maps (see tokenmerge.viz).
+MERGED, DESTINATION, INDEPENDENT = 0, 1, 2
+
+
+@dataclass(eq=False)
+class MergePlan:
+    """Which tokens are computed on, and where every token's result comes from.
+
+    Attributes:
+        kept: ``(B, M)`` token indices that survive, destinations first
+            (``kept[:, :num_dst]``) then independent tokens.
+        assign: ``(B, N)`` slot in ``[0, M)`` each token maps to; a kept token maps to itself.
+        num_dst: how many of the kept tokens are destinations.
+        prune: if True, ``merge`` drops non-kept tokens instead of averaging them in.
+        merge_weight: ``(B * N, 1)`` weight of each token in its slot's average
+            (``1 / slot size`` for a plain mean); ignored when pruning.
+    """
+
+    kept: torch.Tensor
+    assign: torch.Tensor
+    num_dst: int
+    prune: bool = False
+    merge_weight: torch.Tensor | None = None
+    _flat_kept: torch.Tensor = field(init=False, repr=False)
+    _flat_assign: torch.Tensor = field(init=False, repr=False)
+    _weights_by_dtype: dict = field(init=False, repr=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        batch, n = self.assign.shape
+        m = self.kept.shape[1]
+        offsets = torch.arange(batch, device=self.assign.device)[:, None]
+        # Flattened (batch * tokens) row indices let merge/unmerge be one index op each.
+        self._flat_kept = (self.kept + offsets * n).reshape(-1)
+        self._flat_assign = (self.assign + offsets * m).reshape(-1)
+        if not self.prune and self.merge_weight is None:
+            counts = torch.zeros(batch, m, device=self.assign.device, dtype=torch.float32)
+            counts.scatter_add_(1, self.assign, torch.ones_like(self.assign, dtype=torch.float32))
+            self.merge_weight = counts.gather(1, self.assign).reciprocal().reshape(-1, 1)
+
+    @property
+    def batch_size(self) -> int:
+        return self.assign.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.assign.shape[1]
+
+    @property
+    def num_kept(self) -> int:
+        return self.kept.shape[1]
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, N, C) -> (B, M, C)``: average each slot's members (or keep only the slot)."""
+        self._check(x, self.num_tokens)
+        b, n, c = x.shape
+        rows = x.reshape(b * n, c)
+        if self.prune:
+            return rows.index_select(0, self._flat_kept).view(b, self.num_kept, c)
+        weighted = rows * self._weight(x.dtype)
+        out = x.new_zeros(b * self.num_kept, c)
+        out.index_add_(0, self._flat_assign, weighted)
+        return out.view(b, self.num_kept, c)
+
+    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
+        """``(B, M, C) -> (B, N, C)``: every token takes the value of its slot."""
+        self._check(y, self.num_kept)
+        b, m, c = y.shape
+        return y.reshape(b * m, c).index_select(0, self._flat_assign).view(b, self.num_tokens, c)
+
+    def roles(self) -> torch.Tensor:
+        """``(B, N)`` int8 map: MERGED (0), DESTINATION (1) or INDEPENDENT (2) per token."""
+        roles = torch.full(self.assign.shape, MERGED, dtype=torch.int8, device=self.assign.device)
+        role_of_kept = torch.full(self.kept.shape, INDEPENDENT, dtype=torch.int8, device=self.kept.device)
+        role_of_kept[:, : self.num_dst] = DESTINATION
+        return roles.scatter_(1, self.kept, role_of_kept)
+
+    def _weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._weights_by_dtype:
+            self._weights_by_dtype[dtype] = self.merge_weight.to(dtype)
+        return self._weights_by_dtype[dtype]
+
+    def _check(self, x: torch.Tensor, tokens: int) -> None:
+        if x.ndim != 3 or x.shape[0] != self.batch_size or x.shape[1] != tokens:
+            raise RuntimeError(
+                f"tokenmerge: a merge plan for batch {self.batch_size} x {tokens} tokens got a tensor of "
+                f"shape {tuple(x.shape)}. Something between the block and its attention/MLP changed the "
+                "token layout (e.g. feed-forward chunking): disable it or merge only where the layout is kept."
+            )
+
+
+def plan_from_matching(
+    dst: torch.Tensor, kept_src: torch.Tensor, src: torch.Tensor, nearest_dst: torch.Tensor, num_tokens: int,
+    prune: bool = False,
+) -> MergePlan:
+    """Build a plan from a bipartite matching.
+
+    Args:
+        dst: ``(B, D)`` destination token indices.
+        kept_src: ``(B, I)`` positions *within src* of the source tokens that stay independent.
+        src: ``(B, S)`` source token indices (every token that is not a destination).
+        nearest_dst: ``(B, S)`` position within ``dst`` of each source token's destination.
+        num_tokens: N.
+        prune: drop merged tokens instead of averaging them into their destination.
+    """
+    batch, num_dst = dst.shape
+    num_ind = kept_src.shape[1]
+    # A source token maps to its destination's slot, unless it is kept as an independent token.
+    src_slot = nearest_dst.clone()
+    src_slot.scatter_(1, kept_src, torch.arange(num_dst, num_dst + num_ind, device=dst.device).expand(batch, -1))
+    assign = torch.empty(batch, num_tokens, dtype=torch.long, device=dst.device)
+    assign.scatter_(1, src, src_slot)
+    assign.scatter_(1, dst, torch.arange(num_dst, device=dst.device).expand(batch, -1))
+    kept = torch.cat([dst, src.gather(1, kept_src)], dim=1)
+    return MergePlan(kept=kept, assign=assign, num_dst=num_dst, prune=prune)
+
+
+def cell_destinations(
+    height: int, width: int, sy: int, sx: int, batch: int = 1,
+    generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """One destination per full ``sy x sx`` cell of the grid: ``(batch, cells)`` token indices, raster order.
+
+    With a generator each cell's destination is drawn uniformly (as tomesd does); without one it is the
+    cell's top-left token. Tokens in the partial cells at the right/bottom edge are never destinations.
+    """
+    cells_y, cells_x = height // sy, width // sx
+    if generator is None:
+        offset = torch.zeros(batch, cells_y, cells_x, dtype=torch.long, device=device)
+    else:
+        # Drawn with the same shape and order as tomesd, so a fork of the same RNG state gives the same cells.
+        offset = torch.randint(sy * sx, size=(batch * cells_y, cells_x, 1), generator=generator,
+                               device=generator.device).to(device).view(batch, cells_y, cells_x)
+    rows = torch.arange(cells_y, device=device)[:, None] * sy + offset // sx
+    cols = torch.arange(cells_x, device=device)[None, :] * sx + offset % sx
+    return (rows * width + cols).reshape(batch, -1)
+
+
+def complement(indices: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``(B, K) -> (B, N - K)``: the tokens not in ``indices``, in raster order."""
+    batch = indices.shape[0]
+    member = torch.zeros(batch, num_tokens, dtype=torch.bool, device=indices.device)
+    member.scatter_(1, indices, True)
+    # Sorting the membership flag (stable) lists the non-members first, in their original order.
+    order = torch.sort(member.to(torch.uint8), dim=1, stable=True).indices
+    return order[:, : num_tokens - indices.shape[1]]
+
+
+def gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``x[b, indices[b]]`` for ``x`` of shape ``(B, N, C)`` and ``indices`` of shape ``(B, K)``."""
+    return x.gather(1, indices[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def nearest_destination(
+    src: torch.Tensor, dst: torch.Tensor, max_elements: int = 1 << 26
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarity of every source token to its most similar destination.
+
+    ``src (B, S, C)``, ``dst (B, D, C)`` -> ``(best similarity (B, S), best destination (B, S))``.
+    The ``S x D`` score matrix is built in row chunks of at most ``max_elements`` entries so that
+    memory stays bounded at high resolution; the result is the same as one full matrix.
+    """
+    src = src / src.norm(dim=-1, keepdim=True)
+    dst = dst / dst.norm(dim=-1, keepdim=True)
+    batch, num_src, _ = src.shape
+    rows = max(1, max_elements // max(1, batch * dst.shape[1]))
+    if rows >= num_src:
+        return (src @ dst.transpose(-1, -2)).max(dim=-1)
+    best, where = [], []
+    for start in range(0, num_src, rows):
+        value, index = (src[:, start : start + rows] @ dst.transpose(-1, -2)).max(dim=-1)
+        best.append(value)
+        where.append(index)
+    return torch.cat(best, dim=1), torch.cat(where, dim=1)

@@ -1,0 +1,154 @@
+"""Per-patched-model state: where the sampler is, the importance signal, the private RNG.
+
+Everything here is reset when a new pipeline call starts, so one call never leaks into the next.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .methods.base import MethodConfig
+from .plan import MergePlan
+
+
+@dataclass
+class PlanEvent:
+    """What the ``on_plan`` callback of :func:`tokenmerge.apply` receives for every plan built."""
+
+    step: int
+    block: str
+    grid: tuple[int, int]
+    plan: MergePlan | None
+    importance: torch.Tensor | None
+    prune_phase: bool
+
+
+class RunClock:
+    """Tells the step index, the progress through the run and when a new run starts.
+
+    With a pipeline, the scheduler says it without touching the device: ``set_timesteps`` makes a new
+    ``timesteps`` tensor at every call, and the run has ``len(timesteps) - begin_index`` denoiser calls.
+    A bare denoiser has no scheduler: progress is read from the timestep value (``1 - t / 1000``) and a
+    timestep larger than the last one starts a new run; this reads one scalar from the device per call.
+    """
+
+    def __init__(self, pipeline: object | None, num_train_timesteps: int = 1000) -> None:
+        self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
+        self._num_train_timesteps = num_train_timesteps
+        self._timesteps = None
+        self._last_t: float | None = None
+        self.step = -1
+        self.progress = 0.0
+
+    def tick(self, timestep: object) -> bool:
+        """Advance by one denoiser call; True when it starts a new run."""
+        scheduler = getattr(self._pipeline(), "scheduler", None) if self._pipeline is not None else None
+        timesteps = getattr(scheduler, "timesteps", None)
+        if timesteps is not None:
+            new_run = timesteps is not self._timesteps
+            if new_run:
+                self._timesteps = timesteps
+                begin = getattr(scheduler, "begin_index", None) or 0
+                self._total = max(1, len(timesteps) - begin)
+            self.step = 0 if new_run else self.step + 1
+            self.progress = self.step / self._total
+            return new_run
+        t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        new_run = self._last_t is None or t > self._last_t
+        self._last_t = t
+        self.step = 0 if new_run else self.step + 1
+        self.progress = 1.0 - t / self._num_train_timesteps
+        return new_run
+
+
+class PatchState:
+    """The state of one patched denoiser. Lives as ``denoiser._tokenmerge`` until ``remove``."""
+
+    def __init__(self, config: MethodConfig, adapter, pipeline: object | None,
+                 on_plan: Callable[[PlanEvent], None] | None = None) -> None:
+        self.config = config
+        self.adapter = adapter
+        self.pipeline = weakref.ref(pipeline) if pipeline is not None else None
+        self.clock = RunClock(pipeline)
+        self.on_plan = on_plan
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.latent_hw: tuple[int, int] | None = None
+        self.cfg_pairs = False
+        self.prune_phase = False
+        self.importance: torch.Tensor | None = None  # (groups, H, W), from the previous step
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._pooled: dict[tuple[int, int], torch.Tensor | None] = {}
+
+    # -- called by the denoiser hooks ------------------------------------------------------------
+    def begin_call(self, sample: torch.Tensor, timestep: object) -> None:
+        if self.clock.tick(timestep):
+            self.importance = None
+            self._generators.clear()
+        self.latent_hw = tuple(sample.shape[-2:])
+        self.cfg_pairs = self._is_cfg_batch(sample.shape[0])
+        self.prune_phase = self.clock.progress < getattr(self.config, "prune_steps", 0.0)
+        self._pooled.clear()
+        signal = getattr(self.config, "importance", None)
+        if isinstance(signal, str) and not self.cfg_pairs:
+            raise ValueError(
+                "tokenmerge: ImportanceMerge(importance='cfg') needs classifier-free guidance (a batch "
+                f"[uncond; cond]), but this call has batch size {sample.shape[0]} without it. Run with "
+                "guidance_scale > 1, or give the importance yourself: ImportanceMerge(importance=<map tensor "
+                "or callable>)."
+            )
+        if isinstance(signal, torch.Tensor) or callable(signal):
+            given = signal(self.clock.step) if callable(signal) else signal
+            self.importance = given.to(sample.device, torch.float32).reshape(-1, *given.shape[-2:])
+
+    def end_call(self, output: object) -> None:
+        if not isinstance(getattr(self.config, "importance", None), str):
+            return
+        with torch.no_grad():
+            eps = self.adapter.prediction(output)[:, self.adapter.importance_channels]
+            half = eps.shape[0] // 2
+            self.importance = (eps[half:] - eps[:half]).abs().float().mean(dim=1)
+
+    # -- called by the block hooks ---------------------------------------------------------------
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The patch's private generator on ``device``, seeded at the start of the run."""
+        if device not in self._generators:
+            gen = torch.Generator(device=device)
+            if self.config.seed is not None:
+                gen.manual_seed(self.config.seed)
+            elif device.type == "cuda":
+                gen.set_state(torch.cuda.get_rng_state(device))
+            elif device.type == "cpu":
+                gen.set_state(torch.get_rng_state())  # a fork: the global RNG is not consumed
+            else:
+                cpu_fork = torch.Generator().set_state(torch.get_rng_state())
+                gen.manual_seed(int(torch.randint(2**62, (1,), generator=cpu_fork)))
+            self._generators[device] = gen
+        return self._generators[device]
+
+    def importance_on_grid(self, grid: tuple[int, int], groups: int) -> torch.Tensor | None:
+        """Importance ``(groups, N)`` pooled to a block's grid, or None when unknown or for another batch."""
+        if grid not in self._pooled:
+            imp = self.importance
+            if imp is not None and imp.shape[0] not in (1, groups):
+                imp = None  # a map for another batch: not usable
+            if imp is not None:
+                if tuple(imp.shape[-2:]) != grid:
+                    imp = F.adaptive_avg_pool2d(imp[:, None], grid)[:, 0]
+                imp = imp.expand(groups, -1, -1).reshape(groups, -1)
+            self._pooled[grid] = imp
+        return self._pooled[grid]
+
+    def _is_cfg_batch(self, batch: int) -> bool:
+        if batch % 2:
+            return False
+        pipe = self.pipeline() if self.pipeline is not None else None
+        try:
+            flag = getattr(pipe, "do_classifier_free_guidance", None)
+        except AttributeError:  # property read before the pipeline call set its guidance scale
+            flag = None
+        return True if flag is None else bool(flag)
