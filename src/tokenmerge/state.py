@@ -32,7 +32,8 @@ class RunClock:
     """Tells the step index, the progress through the run and when a new run starts.
 
     With a pipeline, the scheduler says it without touching the device: ``set_timesteps`` makes a new
-    ``timesteps`` tensor at every call, and the run has ``len(timesteps) - begin_index`` denoiser calls.
+    ``timesteps`` tensor at every call. The run's length is the pipeline's ``num_timesteps`` (the steps it
+    actually runs, e.g. fewer for img2img), else ``len(timesteps) - begin_index``.
     A bare denoiser has no scheduler: progress is read from the timestep value (``1 - t / 1000``) and a
     timestep larger than the last one starts a new run; this reads one scalar from the device per call.
     """
@@ -47,14 +48,15 @@ class RunClock:
 
     def tick(self, timestep: object) -> bool:
         """Advance by one denoiser call; True when it starts a new run."""
-        scheduler = getattr(self._pipeline(), "scheduler", None) if self._pipeline is not None else None
+        pipeline = self._pipeline() if self._pipeline is not None else None
+        scheduler = getattr(pipeline, "scheduler", None)
         timesteps = getattr(scheduler, "timesteps", None)
         if timesteps is not None:
             new_run = timesteps is not self._timesteps
             if new_run:
                 self._timesteps = timesteps
                 begin = getattr(scheduler, "begin_index", None) or 0
-                self._total = max(1, len(timesteps) - begin)
+                self._total = max(1, getattr(pipeline, "_num_timesteps", None) or len(timesteps) - begin)
             self.step = 0 if new_run else self.step + 1
             self.progress = self.step / self._total
             return new_run

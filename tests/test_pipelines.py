@@ -1,0 +1,138 @@
+"""Whole diffusers pipelines: saved and loaded back, img2img, inpainting, ControlNet, SDXL."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    ControlNetModel,
+    DiffusionPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+)
+
+import tokenmerge
+from tokenmerge import ImportanceMerge, ToMe
+from tokenmerge.tiny import save_tiny_pipeline, tiny_pipeline
+
+SIZE = dict(height=64, width=64)
+
+
+def generate(pipe, steps=6, seed=0, **kwargs):
+    out = pipe("a red circle", num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+               output_type="np", **SIZE, **kwargs)
+    return out.images
+
+
+@pytest.fixture(scope="module")
+def saved_sd1(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("pipes") / "sd1", "sd1")
+
+
+@pytest.fixture
+def sd1_pipe(saved_sd1):
+    pipe = DiffusionPipeline.from_pretrained(saved_sd1, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def record_events(pipe, config):
+    events = []
+    tokenmerge.apply(pipe, config, on_plan=events.append)
+    return events
+
+
+def test_saved_pipeline_loads_and_merges(sd1_pipe):
+    unpatched = generate(sd1_pipe)
+    events = record_events(sd1_pipe, ImportanceMerge(ratio=0.7, seed=0))
+    merged = generate(sd1_pipe)
+    tokenmerge.remove(sd1_pipe)
+    assert np.isfinite(merged).all() and not np.allclose(merged, unpatched, atol=1e-4)
+    assert np.array_equal(generate(sd1_pipe), unpatched)
+    assert {e.step for e in events} == set(range(6))
+
+
+def test_state_resets_at_every_pipeline_call(sd1_pipe):
+    events = record_events(sd1_pipe, ImportanceMerge(ratio=0.7, seed=0, prune_steps=0.34))
+    first = generate(sd1_pipe)
+    steps_first = [(e.step, e.prune_phase, e.importance is None) for e in events]
+    events.clear()
+    second = generate(sd1_pipe)
+    assert np.array_equal(first, second)
+    assert [(e.step, e.prune_phase, e.importance is None) for e in events] == steps_first
+    # 6 steps, prune_steps=0.34: steps with step / 6 < 0.34 prune, i.e. 0, 1 and 2; later steps merge.
+    assert sorted({e.step for e in events if e.prune_phase}) == [0, 1, 2]
+    assert all(e.plan.prune == e.prune_phase for e in events)
+    # Importance comes from the previous step: none at the first step, then every step after.
+    assert {e.step for e in events if e.importance is None} == {0}
+    tokenmerge.remove(sd1_pipe)
+
+
+def test_importance_needs_guidance(sd1_pipe):
+    tokenmerge.apply(sd1_pipe, ImportanceMerge(ratio=0.5))
+    with pytest.raises(ValueError, match="guidance_scale > 1.*importance="):
+        generate(sd1_pipe, guidance_scale=1.0, num_images_per_prompt=2)
+    tokenmerge.remove(sd1_pipe)
+    tokenmerge.apply(sd1_pipe, ToMe(ratio=0.5))
+    assert np.isfinite(generate(sd1_pipe, guidance_scale=1.0)).all()
+    tokenmerge.remove(sd1_pipe)
+
+
+def test_img2img_prunes_within_the_steps_it_runs(sd1_pipe):
+    pipe = StableDiffusionImg2ImgPipeline(**sd1_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 64, 64)
+    unpatched = pipe("a red circle", image=image, strength=0.5, num_inference_steps=10, output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images
+    events = record_events(pipe, ImportanceMerge(ratio=0.7, seed=0, prune_steps=0.2))
+    merged = pipe("a red circle", image=image, strength=0.5, num_inference_steps=10, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    tokenmerge.remove(pipe)
+    assert np.isfinite(merged).all() and not np.allclose(merged, unpatched, atol=1e-4)
+    steps = sorted({e.step for e in events})
+    assert steps == list(range(5))  # strength 0.5 of 10 steps
+    assert sorted({e.step for e in events if e.prune_phase}) == [0]  # 20% of the 5 steps run
+
+
+def test_inpainting_pipeline(sd1_pipe):
+    pipe = StableDiffusionInpaintPipeline(**sd1_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    image, mask = torch.rand(1, 3, 64, 64), torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 16:48] = 1
+    kwargs = dict(image=image, mask_image=mask, num_inference_steps=4, output_type="np")
+    unpatched = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    with tokenmerge.patched(pipe, ImportanceMerge(ratio=0.7, seed=0)):
+        merged = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert np.isfinite(merged).all() and not np.allclose(merged, unpatched, atol=1e-4)
+    assert np.array_equal(pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images,
+                          unpatched)
+
+
+def test_controlnet_pipeline(sd1_pipe):
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(sd1_pipe.unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
+    pipe = StableDiffusionControlNetPipeline(**sd1_pipe.components, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(image=torch.rand(1, 3, 64, 64), num_inference_steps=4, output_type="np")
+    unpatched = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    for config in (ToMe(ratio=0.5, seed=0), ImportanceMerge(ratio=0.7, seed=0)):
+        with tokenmerge.patched(pipe, config):
+            merged = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+        assert np.isfinite(merged).all() and not np.allclose(merged, unpatched, atol=1e-4)
+    assert np.array_equal(pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images,
+                          unpatched)
+
+
+@pytest.mark.parametrize("kind", ["sd2", "sdxl"])
+def test_other_architectures_end_to_end(kind):
+    pipe = tiny_pipeline(kind)
+    pipe.set_progress_bar_config(disable=True)
+    unpatched = generate(pipe, steps=4)
+    events = record_events(pipe, ImportanceMerge(ratio=0.7, seed=0))
+    merged = generate(pipe, steps=4)
+    tokenmerge.remove(pipe)
+    assert np.isfinite(merged).all() and not np.allclose(merged, unpatched, atol=1e-4)
+    top = (8, 8) if kind != "sdxl" else (4, 4)  # SDXL has no attention at its top level
+    assert {e.grid for e in events} == {top}

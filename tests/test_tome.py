@@ -1,0 +1,117 @@
+"""ToMe against the reference implementation, the tomesd package (0.1.3)."""
+
+from __future__ import annotations
+
+import pytest
+import tomesd
+import torch
+
+import tokenmerge
+from tokenmerge import ToMe
+
+from .conftest import run, unet_inputs
+
+
+def tomesd_output(unet, args, kwargs, **settings):
+    tomesd.apply_patch(unet, **settings)
+    try:
+        return run(unet, args, kwargs)
+    finally:
+        tomesd.remove_patch(unet)
+
+
+def ours_output(unet, args, kwargs, config):
+    with tokenmerge.patched(unet, config):
+        return run(unet, args, kwargs)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(ratio=0.5),
+        dict(ratio=0.3, max_downsample=2),
+        dict(ratio=0.75, merge_crossattn=True, merge_mlp=True),
+        dict(ratio=0.6, sx=4, sy=2, max_downsample=4),
+        dict(ratio=0.4, merge_attn=False, merge_mlp=True),
+    ],
+)
+@pytest.mark.parametrize("batch,size", [(2, (16, 16)), (1, (15, 17)), (3, (12, 20)), (4, (10, 14))])
+def test_matches_tomesd_without_randomness(sd1_unet, settings, batch, size):
+    args, kwargs = unet_inputs(sd1_unet, batch, *size)
+    expected = tomesd_output(sd1_unet, args, kwargs, use_rand=False, **settings)
+    actual = ours_output(sd1_unet, args, kwargs, ToMe(use_rand=False, **settings))
+    assert not torch.equal(expected, run(sd1_unet, args, kwargs)), "the setting must actually merge"
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
+def test_matches_tomesd_random_cells_from_the_same_rng_state(sd1_unet):
+    # tomesd forks the global RNG at first use; with seed=None we fork it at the start of the run.
+    args, kwargs = unet_inputs(sd1_unet, 2, 16, 16)
+    torch.manual_seed(123)
+    expected = tomesd_output(sd1_unet, args, kwargs, ratio=0.5, max_downsample=2)
+    torch.manual_seed(123)
+    actual = ours_output(sd1_unet, args, kwargs, ToMe(ratio=0.5, max_downsample=2))
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+    # seed=123 seeds the private generator exactly like torch.manual_seed(123) seeds the global one.
+    seeded = ours_output(sd1_unet, args, kwargs, ToMe(ratio=0.5, max_downsample=2, seed=123))
+    torch.testing.assert_close(seeded, expected, atol=1e-5, rtol=0)
+
+
+def test_odd_latent_sizes_where_tomesd_infers_the_wrong_grid(sd1_unet):
+    """tomesd guesses a level's grid from the token count; at 9x13, level 2 it guesses 3x5 for a 3x4 grid
+    and crashes. We derive the grid from the level, so merging works there too."""
+    args, kwargs = unet_inputs(sd1_unet, 2, 9, 13)
+    with pytest.raises(RuntimeError):
+        tomesd_output(sd1_unet, args, kwargs, ratio=0.5, max_downsample=4)
+    out = ours_output(sd1_unet, args, kwargs, ToMe(ratio=0.5, max_downsample=4))
+    assert out.shape == args[0].shape and torch.isfinite(out).all()
+
+
+def test_random_cells_do_not_consume_global_rng(sd1_unet):
+    args, kwargs = unet_inputs(sd1_unet, 2)
+    before = torch.get_rng_state()
+    ours_output(sd1_unet, args, kwargs, ToMe(ratio=0.5))
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_seed_changes_random_cells(sd1_unet):
+    args, kwargs = unet_inputs(sd1_unet, 2)
+    a = ours_output(sd1_unet, args, kwargs, ToMe(seed=1))
+    b = ours_output(sd1_unet, args, kwargs, ToMe(seed=1))
+    c = ours_output(sd1_unet, args, kwargs, ToMe(seed=2))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_sdxl_merges_where_tomesd_patches_nothing(sdxl_unet):
+    """SDXL has no attention at its top level: tomesd's default is a silent no-op, ours merges level 1."""
+    args, kwargs = unet_inputs(sdxl_unet, 2)
+    unpatched = run(sdxl_unet, args, kwargs)
+    assert torch.equal(tomesd_output(sdxl_unet, args, kwargs, ratio=0.5), unpatched)
+    assert not torch.allclose(ours_output(sdxl_unet, args, kwargs, ToMe(ratio=0.5)), unpatched, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(ratio=0.8), "ratio"),
+        (dict(ratio=-0.1), "ratio"),
+        (dict(ratio=0.95, sx=4, sy=4), "ratio"),
+        (dict(ratio=float("nan")), "ratio"),
+        (dict(sx=0), "sx"),
+        (dict(sx=1, sy=1), "sx * sy"),
+        (dict(max_downsample=3), "max_downsample"),
+        (dict(merge_attn=False), "merge_attn"),
+        (dict(seed="x"), "seed"),
+    ],
+)
+def test_invalid_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field.replace("*", r"\*")):
+        ToMe(**kwargs)
+
+
+def test_max_ratio_follows_stride():
+    """tomesd clamps a ratio above 1 - 1/(sx*sy) silently; we accept up to it and raise beyond."""
+    assert ToMe(ratio=0.875, sx=4, sy=2).max_ratio() == 0.875
+    with pytest.raises(ValueError, match=r"ratio must be in \[0, 0.875\]"):
+        ToMe(ratio=0.876, sx=4, sy=2)
