@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 # Destination roles, as drawn in the computation maps (see tokenmerge.viz).
 MERGED, DESTINATION, INDEPENDENT = 0, 1, 2
@@ -177,8 +178,9 @@ def nearest_destination(
     The ``S x D`` score matrix is built in row chunks of at most ``max_elements`` entries so that
     memory stays bounded at high resolution; the result is the same as one full matrix.
     """
-    src = src / src.norm(dim=-1, keepdim=True)
-    dst = dst / dst.norm(dim=-1, keepdim=True)
+    # normalize clamps the norm, so an all-zero token has similarity 0, not NaN (which max() would pick).
+    src = F.normalize(src, dim=-1)
+    dst = F.normalize(dst, dim=-1)
     batch, num_src, _ = src.shape
     rows = max(1, max_elements // max(1, batch * dst.shape[1]))
     if rows >= num_src:
