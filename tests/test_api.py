@@ -137,21 +137,6 @@ def test_works_with_peft_lora(sd1_unet):
     assert torch.equal(run(sd1_unet, args, kwargs), lora)
 
 
-def test_two_models_patched_differently_do_not_interfere():
-    from tokenmerge.tiny import tiny_unet
-
-    a, b = tiny_unet("sd1"), tiny_unet("sd1")
-    args, kwargs = unet_inputs(a, 2)
-    timesteps = (900, 700, 500)  # one sampling run; a bare denoiser starts a new run when t goes up
-    tokenmerge.apply(a, ToMe(ratio=0.5, seed=0))
-    alone_a = [run(a, args, kwargs, timestep=t) for t in timesteps]
-    tokenmerge.apply(b, ImportanceMerge(ratio=0.7, seed=1))
-    alone_b = [run(b, args, kwargs, timestep=t) for t in timesteps]
-    for t, expected_a, expected_b in zip(timesteps, alone_a, alone_b):  # interleaved runs match runs alone
-        assert torch.equal(run(a, args, kwargs, timestep=t), expected_a)
-        assert torch.equal(run(b, args, kwargs, timestep=t), expected_b)
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("config", CONFIGS, ids=["tome", "importance"])
 def test_half_precision(sd1_unet, dtype, config):

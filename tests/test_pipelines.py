@@ -70,6 +70,25 @@ def test_state_resets_at_every_pipeline_call(sd1_pipe):
     tokenmerge.remove(sd1_pipe)
 
 
+def test_two_pipelines_patched_differently_do_not_interfere(saved_sd1):
+    pipes = [DiffusionPipeline.from_pretrained(saved_sd1, use_safetensors=True) for _ in range(2)]
+    for pipe, config in zip(pipes, (ToMe(ratio=0.5, seed=0), ImportanceMerge(ratio=0.7, seed=1))):
+        pipe.set_progress_bar_config(disable=True)
+        tokenmerge.apply(pipe, config)
+    alone = [generate(pipe) for pipe in pipes]
+
+    def interleaved(pipe_index):  # runs the other pipeline's steps in between this one's
+        def step_end(pipe, step, t, kwargs):
+            if pipe_index == 0 and step < 2:
+                generate(pipes[1], steps=2)
+            return kwargs
+        return step_end
+
+    assert np.array_equal(generate(pipes[0], callback_on_step_end=interleaved(0)), alone[0])
+    assert np.array_equal(generate(pipes[1]), alone[1])
+    assert not np.allclose(alone[0], alone[1])
+
+
 def test_importance_needs_guidance(sd1_pipe):
     tokenmerge.apply(sd1_pipe, ImportanceMerge(ratio=0.5))
     with pytest.raises(ValueError, match="guidance_scale > 1.*importance="):

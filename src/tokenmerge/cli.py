@@ -1,0 +1,264 @@
+"""The ``tokenmerge`` command line.
+
+    tokenmerge generate --model DIR --prompt "a cute owl" --method importance --ratio 0.7 --out OUT --compare
+
+``generate`` runs a diffusers pipeline with a token-merging method (and, with ``--compare``, without it, from
+the same seed), and writes the images, a side-by-side comparison, the importance and computation maps of the
+merged level, and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+from . import viz
+from .api import apply, remove
+from .methods import ImportanceMerge, ToMe
+from .methods.base import MethodConfig
+
+METHODS: dict[str, type[MethodConfig] | None] = {"none": None, "tome": ToMe, "importance": ImportanceMerge}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+UNPATCHED = "none"
+
+
+@dataclass
+class Run:
+    """One timed pipeline call and where its image went."""
+
+    method: str
+    ratio: float | None
+    seconds: float
+    image: Image.Image
+    path: Path
+
+    @property
+    def label(self) -> str:
+        if self.ratio is None:
+            return f"unpatched {self.seconds:.2f} s"
+        return f"{self.method} r={self.ratio:g} {self.seconds:.2f} s"
+
+
+def step_list(text: str) -> tuple[int, ...]:
+    """argparse type of ``--map-steps``: ``"1,5,10"`` -> ``(1, 5, 10)``."""
+    try:
+        steps = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated step numbers such as 1,5,10, got {text!r}") from None
+    if not steps or steps[0] < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative step numbers such as 1,5,10, got {text!r}")
+    return steps
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def default_map_steps(steps: int) -> tuple[int, ...]:
+    """First, about a quarter, half way and last: enough to see the pruning phase and the merging change."""
+    return tuple(sorted({0, steps // 4, steps // 2, steps - 1}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmerge", description="Training-free token merging for diffusers.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    generate = commands.add_parser(
+        "generate", help="generate an image with token merging (and without it, with --compare)",
+        description="Generate an image with a token-merging method; time it; draw its merge maps.",
+    )
+    generate.add_argument("--model", required=True,
+                          help="pipeline folder (safetensors weights) or Hugging Face Hub id")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--negative-prompt")
+    generate.add_argument("--method", choices=METHODS, default="importance")
+    generate.add_argument("--ratio", type=float, default=0.7, help="fraction of tokens merged away (default 0.7)")
+    generate.add_argument("--steps", type=positive_int, default=50, help="denoising steps (default 50)")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the latents and of the merging RNG")
+    generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    generate.add_argument("--height", type=positive_int, help="image height (default: the model's)")
+    generate.add_argument("--width", type=positive_int, help="image width (default: the model's)")
+    generate.add_argument("--out", required=True, type=Path, help="folder for the images, maps and summary.json")
+    generate.add_argument("--compare", action="store_true",
+                          help="also generate unpatched from the same seed and write compare.png "
+                               "(ignored with --method none)")
+    generate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    generate.add_argument("--dtype", choices=DTYPES, default="float32")
+    generate.add_argument("--map-steps", type=step_list,
+                          help="0-based steps to draw maps at, e.g. 1,5,10 (default: first, 25%%, 50%%, last)")
+    generate.set_defaults(handler=run_generate, usage_error=generate.error)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.handler(args)
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    config_class = METHODS[args.method]
+    try:
+        config = config_class(ratio=args.ratio, seed=args.seed) if config_class else None
+    except ValueError as err:
+        args.usage_error(str(err))
+    map_steps = args.map_steps or default_map_steps(args.steps)
+    if map_steps[-1] >= args.steps:
+        args.usage_error(f"--map-steps {map_steps[-1]} is past the last step ({args.steps - 1}; steps are 0-based)")
+    device = resolve_device(args.device, args.usage_error)
+
+    pipe = load_pipeline(args.model, DTYPES[args.dtype]).to(device)
+    call = pipeline_call(pipe, args, device)
+    call(1)  # warm-up: one-time costs (first kernels, allocations) must not count against the first timed run
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    if args.compare and config is not None:
+        runs.append(timed_run(call, args.steps, device, args.out, UNPATCHED, None))
+    recorder = viz.MapRecorder(map_steps)
+    if config is not None:
+        try:
+            apply(pipe, config, on_plan=recorder)
+        except ValueError as err:  # e.g. a denoiser tokenmerge has no adapter for
+            raise SystemExit(f"tokenmerge: {err}") from err
+    runs.append(timed_run(call, args.steps, device, args.out, args.method,
+                          config.ratio if config else None))
+    remove(pipe)
+
+    written = [run.path for run in runs]
+    if len(runs) > 1:
+        written.append(args.out / "compare.png")
+        viz.side_by_side([run.image for run in runs], [run.label for run in runs]).save(written[-1])
+    if recorder.maps:
+        written.append(viz.save_maps_figure(recorder.maps, args.out / f"maps_{args.method}.png"))
+    written.append(write_summary(args, config, runs, recorder))
+    print_report(runs, written)
+
+
+def resolve_device(name: str, usage_error: Callable[[str], None]) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        usage_error("--device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)")
+    return torch.device(name)
+
+
+def load_pipeline(model: str, dtype: torch.dtype):
+    """Load a pipeline from safetensors weights only (never pickle), turning the usual failures into advice."""
+    from diffusers import DiffusionPipeline  # here, not at the top: importing diffusers takes seconds (--help)
+
+    folder = Path(model)
+    if folder.is_dir() and not any(folder.rglob("*.safetensors")):
+        raise SystemExit(
+            f"tokenmerge: the pipeline folder {model} has no .safetensors weights; tokenmerge never loads "
+            "pickle (.bin/.ckpt) weights. Re-save it with pipe.save_pretrained(DIR, safe_serialization=True)."
+        )
+    try:
+        return DiffusionPipeline.from_pretrained(model, use_safetensors=True, torch_dtype=dtype)
+    except OSError as err:
+        if folder.is_dir():
+            raise SystemExit(f"tokenmerge: could not load the pipeline folder {model}: {err}") from err
+        raise SystemExit(hub_failure_message(model, err)) from err
+    except ValueError as err:  # diffusers: "neither a valid local path nor a valid repo id"
+        if folder.is_dir():
+            raise
+        raise SystemExit(hub_failure_message(model, err)) from err
+
+
+def hub_failure_message(model: str, err: Exception) -> str:
+    return (
+        f"tokenmerge: could not load {model!r}: it is not a local folder, and loading it from the Hugging Face "
+        f"Hub failed (no network, no such model, or not in the local cache): {err}\n"
+        "Pass a local pipeline folder with --model DIR instead: one saved with pipe.save_pretrained(DIR), "
+        f"or one downloaded elsewhere with `hf download {model} --local-dir DIR` (huggingface-cli download "
+        "in older huggingface_hub)."
+    )
+
+
+def pipeline_call(pipe, args: argparse.Namespace, device: torch.device) -> Callable[[int], Image.Image]:
+    """``steps -> image``: the pipeline call every run shares, from a freshly seeded generator each time."""
+    options = dict(prompt=args.prompt, guidance_scale=args.guidance, height=args.height, width=args.width)
+    if args.negative_prompt is not None:
+        options["negative_prompt"] = args.negative_prompt
+
+    def call(steps: int) -> Image.Image:
+        generator = torch.Generator(device).manual_seed(args.seed)
+        return pipe(num_inference_steps=steps, generator=generator, **options).images[0]
+
+    return call
+
+
+def timed_run(call: Callable[[int], Image.Image], steps: int, device: torch.device, out: Path, method: str,
+              ratio: float | None) -> Run:
+    """Time one pipeline call by wall clock (the device finishes its queue on both sides) and save its image."""
+    synchronize(device)
+    start = time.perf_counter()
+    image = call(steps)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    path = out / f"{method}.png"
+    image.save(path)
+    return Run(method, ratio, seconds, image, path)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def write_summary(args: argparse.Namespace, config: MethodConfig | None, runs: list[Run],
+                  recorder: viz.MapRecorder) -> Path:
+    """``summary.json``: the settings and, per run, method, ratio, seconds and image (relative to the folder)."""
+    summary = {
+        "model": args.model,
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "steps": args.steps,
+        "seed": args.seed,
+        "guidance": args.guidance,
+        "config": repr(config),
+        "map_block": recorder.block,
+        "map_steps": sorted(recorder.maps),
+        "runs": [
+            {"method": run.method, "ratio": run.ratio, "seconds": run.seconds, "image": run.path.name}
+            for run in runs
+        ],
+    }
+    path = args.out / "summary.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return path
+
+
+def print_report(runs: list[Run], written: list[Path]) -> None:
+    table = Table(title="tokenmerge generate")
+    table.add_column("run")
+    table.add_column("ratio", justify="right")
+    table.add_column("seconds", justify="right")
+    unpatched = next((run.seconds for run in runs if run.ratio is None), None)
+    compared = len(runs) > 1
+    if compared:
+        table.add_column("speed-up", justify="right")
+    for run in runs:
+        row = [run.method, "-" if run.ratio is None else f"{run.ratio:g}", f"{run.seconds:.2f}"]
+        if compared:
+            row.append(f"{unpatched / run.seconds:.2f}x")
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    console.print("wrote " + ", ".join(str(path) for path in written))
+
+
+if __name__ == "__main__":
+    main()
