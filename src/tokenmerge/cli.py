@@ -114,6 +114,9 @@ def run_generate(args: argparse.Namespace) -> None:
         config = config_class(ratio=args.ratio, seed=args.seed) if config_class else None
     except ValueError as err:
         args.usage_error(str(err))
+    if config is not None and config.uses_importance and args.guidance <= 1:
+        args.usage_error(f"--method {args.method} reads token importance from classifier-free guidance, which "
+                         f"--guidance {args.guidance:g} turns off; use a guidance scale above 1")
     map_steps = args.map_steps or default_map_steps(args.steps)
     if map_steps[-1] >= args.steps:
         args.usage_error(f"--map-steps {map_steps[-1]} is past the last step ({args.steps - 1}; steps are 0-based)")
@@ -165,8 +168,11 @@ def load_pipeline(model: str, dtype: torch.dtype):
             f"tokenmerge: the pipeline folder {model} has no .safetensors weights; tokenmerge never loads "
             "pickle (.bin/.ckpt) weights. Re-save it with pipe.save_pretrained(DIR, safe_serialization=True)."
         )
+    # float32 is the default; asking for it by name only draws diffusers' torch_dtype deprecation warning.
+    # (Loading in the dtype, rather than casting afterwards, keeps a model's float32-only modules in float32.)
+    dtype_option = {} if dtype == torch.float32 else {"torch_dtype": dtype}
     try:
-        return DiffusionPipeline.from_pretrained(model, use_safetensors=True, torch_dtype=dtype)
+        return DiffusionPipeline.from_pretrained(model, use_safetensors=True, **dtype_option)
     except OSError as err:
         if folder.is_dir():
             raise SystemExit(f"tokenmerge: could not load the pipeline folder {model}: {err}") from err

@@ -21,7 +21,7 @@ from .plan import DESTINATION, INDEPENDENT, MERGED
 from .state import PlanEvent
 
 ROLE_COLORS = {DESTINATION: (255, 255, 255), INDEPENDENT: (255, 165, 0), MERGED: (0, 0, 0)}
-MAP_SIZE = 256  # a map's longer side in pixels, so an 8x8 grid is as visible as a 64x64 one
+MAP_SIZE = 256  # maps are scaled up by a whole factor to at most this many pixels, so small grids stay visible
 NO_IMPORTANCE_GRAY = (128, 128, 128)
 PADDING = 6
 BACKGROUND = (255, 255, 255)
