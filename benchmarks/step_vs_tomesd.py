@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    unet = UNet2DConditionModel().to(args.device, dtype).eval()  # the default config is SD 1.x
+    unet = UNet2DConditionModel(cross_attention_dim=768).to(args.device, dtype).eval()  # SD 1.x layout
     latent = args.size // 8
     inputs = (torch.randn(2, 4, latent, latent, device=args.device, dtype=dtype), torch.tensor(500),
               torch.randn(2, 77, 768, device=args.device, dtype=dtype))
