@@ -73,6 +73,11 @@ class BlockPatch:
             cfg_pairs=state.cfg_pairs,
             prune_phase=state.prune_phase,
             importance=state.importance_on_grid(grid, groups) if state.config.uses_importance else None,
+            step=state.clock.step,
+            block=self.target.name,
+            level=self.target.level,
+            num_levels=state.adapter.num_levels,
+            cache=state.cache,
         )
         with torch.no_grad():
             self.plan = state.config.make_plan(x.detach(), ctx)

@@ -83,6 +83,7 @@ class PatchState:
         self.cfg_pairs = False
         self.prune_phase = False
         self.importance: torch.Tensor | None = None  # (groups, H, W), from the previous step
+        self.cache: dict = {}  # methods' own cross-step state (PlanContext.cache)
         self._generators: dict[torch.device, torch.Generator] = {}
         self._pooled: dict[tuple[int, int], torch.Tensor | None] = {}
 
@@ -90,6 +91,7 @@ class PatchState:
     def begin_call(self, sample: torch.Tensor, timestep: object) -> None:
         if self.clock.tick(timestep):
             self.importance = None
+            self.cache.clear()
             self._generators.clear()
         self.latent_hw = tuple(sample.shape[-2:])
         self.cfg_pairs = self._is_cfg_batch(sample.shape[0])

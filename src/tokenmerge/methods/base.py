@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,6 +20,11 @@ class PlanContext:
         cfg_pairs: True when the batch is ``[uncond; cond]`` and both halves must share one plan.
         prune_phase: True during the first steps where the method prunes instead of merging.
         importance: ``(pairs_or_batch, N)`` importance of each token, or None when none is known yet.
+        step: denoiser call index within the current pipeline run.
+        block: name of the patched block (a key for per-block caches).
+        level: the block's U-Net level (0 = full latent resolution).
+        num_levels: how many levels the U-Net has (``level == num_levels - 1`` is the bottleneck).
+        cache: a dict the method may keep things in across steps; emptied at every new pipeline run.
     """
 
     grid: tuple[int, int]
@@ -27,6 +32,11 @@ class PlanContext:
     cfg_pairs: bool = False
     prune_phase: bool = False
     importance: torch.Tensor | None = None
+    step: int = 0
+    block: str = ""
+    level: int = 0
+    num_levels: int = 1
+    cache: dict = field(default_factory=dict)
 
 
 class MethodConfig:

@@ -27,6 +27,7 @@ class UNetAdapter:
 
     def __init__(self, denoiser: nn.Module) -> None:
         self.denoiser = denoiser
+        self.num_levels = len(denoiser.down_blocks)
 
     @staticmethod
     def handles(denoiser: nn.Module) -> bool:
