@@ -1,6 +1,7 @@
 """Token-reduction methods: one config dataclass per method, each building a MergePlan."""
 
 from .importance import ImportanceMerge
+from .tofu import ToFu
 from .tome import ToMe
 
-__all__ = ["ToMe", "ImportanceMerge"]
+__all__ = ["ToMe", "ImportanceMerge", "ToFu"]

@@ -51,28 +51,45 @@ class ToMe(MethodConfig):
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("sx", "sy"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
-                raise ValueError(f"ToMe.{name} must be an int in [1, 8], got {value!r}")
-        if self.sx * self.sy == 1:
-            raise ValueError("ToMe: sx * sy must be at least 2 (a 1x1 cell leaves no token to merge); use sx=2, sy=2")
+        validate_cells(self)
         self._validate_common()
 
     def max_ratio(self) -> float:
         return 1.0 - 1.0 / (self.sx * self.sy)
 
     def make_plan(self, x: torch.Tensor, ctx: PlanContext) -> MergePlan | None:
-        batch, num_tokens, _ = x.shape
-        height, width = ctx.grid
-        merged = int(num_tokens * self.ratio)
-        if merged <= 0 or height < self.sy or width < self.sx:
-            return None
-        # tomesd: an odd batch holds no [uncond; cond] pair, and random cells then cause artifacts.
-        use_rand = self.use_rand and batch % 2 == 0
-        dst = cell_destinations(height, width, self.sy, self.sx, generator=ctx.generator if use_rand else None,
-                                device=x.device).expand(batch, -1)
-        src = complement(dst[:1], num_tokens).expand(batch, -1)
-        similarity, nearest = nearest_destination(gather_tokens(x, src), gather_tokens(x, dst))
-        order = similarity.argsort(dim=-1, descending=True)
-        return plan_from_matching(dst, order[:, merged:], src, nearest, num_tokens)
+        matching = cell_matching(x, ctx, self.ratio, self.sx, self.sy, self.use_rand)
+        return None if matching is None else plan_from_matching(*matching, x.shape[1])
+
+
+def validate_cells(config: MethodConfig) -> None:
+    """Validate the ``sx``/``sy`` cell strides and the common fields of a cell-matching config."""
+    name = type(config).__name__
+    for field_name in ("sx", "sy"):
+        value = getattr(config, field_name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
+            raise ValueError(f"{name}.{field_name} must be an int in [1, 8], got {value!r}")
+    if config.sx * config.sy == 1:
+        raise ValueError(f"{name}: sx * sy must be at least 2 (a 1x1 cell leaves no token to merge); use sx=2, sy=2")
+    config._validate_common()
+
+
+def cell_matching(x: torch.Tensor, ctx: PlanContext, ratio: float, sx: int, sy: int, use_rand: bool):
+    """ToMeSD's bipartite matching: ``(dst, kept_src, src, nearest)`` for plan_from_matching, or None.
+
+    One destination per ``sy x sx`` cell; the ``int(N * ratio)`` sources most similar to their best
+    destination are reduced, the others kept (``kept_src``, positions within ``src``).
+    """
+    batch, num_tokens, _ = x.shape
+    height, width = ctx.grid
+    reduced = int(num_tokens * ratio)
+    if reduced <= 0 or height < sy or width < sx:
+        return None
+    # tomesd: an odd batch holds no [uncond; cond] pair, and random cells then cause artifacts.
+    use_rand = use_rand and batch % 2 == 0
+    dst = cell_destinations(height, width, sy, sx, generator=ctx.generator if use_rand else None,
+                            device=x.device).expand(batch, -1)
+    src = complement(dst[:1], num_tokens).expand(batch, -1)
+    similarity, nearest = nearest_destination(gather_tokens(x, src), gather_tokens(x, dst))
+    order = similarity.argsort(dim=-1, descending=True)
+    return dst, order[:, reduced:], src, nearest
