@@ -7,8 +7,8 @@
 """
 
 from .api import apply, current_config, patched, remove
-from .methods import ImportanceMerge, SiTo, ToFu, ToMe
+from .methods import ImportanceMerge, ReToM, SiTo, ToFu, ToMe
 from .state import PlanEvent
 
 __version__ = "0.1.0"
-__all__ = ["apply", "remove", "patched", "current_config", "ToMe", "ImportanceMerge", "ToFu", "SiTo", "PlanEvent", "__version__"]
+__all__ = ["apply", "remove", "patched", "current_config", "ToMe", "ImportanceMerge", "ToFu", "SiTo", "ReToM", "PlanEvent", "__version__"]
