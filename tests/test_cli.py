@@ -90,3 +90,9 @@ def test_console_script_shows_help():
     script = Path(sys.executable).parent / "tokenmerge"
     result = subprocess.run([script, "generate", "--help"], capture_output=True, text=True, check=True)
     assert "--map-steps" in result.stdout and "--compare" in result.stdout
+
+
+@pytest.mark.parametrize("method,name", [("retom", "ReToM"), ("sito", "SiTo"), ("tofu", "ToFu")])
+def test_every_method_runs_from_the_cli(tiny_model, tmp_path, method, name):
+    summary = generate(tiny_model, tmp_path, "--method", method, "--ratio", "0.5")
+    assert summary["config"].startswith(f"{name}(ratio=0.5") and (tmp_path / f"{method}.png").exists()

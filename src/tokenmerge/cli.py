@@ -23,10 +23,12 @@ from rich.table import Table
 
 from . import viz
 from .api import apply, remove
-from .methods import ImportanceMerge, ToMe
+from .methods import ImportanceMerge, ReToM, SiTo, ToFu, ToMe
 from .methods.base import MethodConfig
 
-METHODS: dict[str, type[MethodConfig] | None] = {"none": None, "tome": ToMe, "importance": ImportanceMerge}
+METHODS: dict[str, type[MethodConfig] | None] = {
+    "none": None, "tome": ToMe, "importance": ImportanceMerge, "retom": ReToM, "sito": SiTo, "tofu": ToFu,
+}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 UNPATCHED = "none"
 
