@@ -6,8 +6,9 @@ One object per scene on a plain background. The caption names every attribute in
 
 Shape, colour, size, texture, position and background vary independently (5 x 6 x 2 x 3 x 5 x 3 = 2700
 captions). Textures (stripes, dots) put fine detail where the object is: a method that merges the wrong
-tokens loses it. A few (shape, colour) pairs never appear in training: the ``heldout`` split has only them,
-to test that the model composes attributes instead of memorising captions.
+tokens loses it. A few (shape, colour) pairs never appear in the generator's training: the ``heldout`` split has
+only them, to test that the model composes attributes instead of memorising captions. The ``judge`` split
+draws from every caption: the judge is a measuring instrument and must read held-out pairs too.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ ATTRIBUTES = {
 # (shape, colour) pairs kept out of train/val/test: the "heldout" split is made of them only.
 HELDOUT_PAIRS = frozenset({("circle", "blue"), ("square", "yellow"), ("triangle", "purple"),
                            ("cross", "red"), ("diamond", "green")})
-SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2, "heldout": 3}
+SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2, "heldout": 3, "judge": 4}
 
 SUPERSAMPLE = 4  # draw at 4x and downsample: smooth edges at 32 px
 _POSITION_CENTERS = {"top left": (0.27, 0.27), "top right": (0.73, 0.27), "bottom left": (0.27, 0.73),
@@ -82,7 +83,9 @@ def sample_scenes(split: str, count: int, seed_offset: int = 0) -> list[Scene]:
     """``count`` scenes of a split, drawn uniformly from its captions, deterministic from the split's seed."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"unknown split {split!r}; choose one of {tuple(SPLIT_SEEDS)}")
-    pool = [s for s in all_scenes() if is_heldout(s) == (split == "heldout")]
+    pool = all_scenes()
+    if split != "judge":
+        pool = [s for s in pool if is_heldout(s) == (split == "heldout")]
     rng = np.random.default_rng([SPLIT_SEEDS[split], seed_offset])
     return [pool[i] for i in rng.integers(len(pool), size=count)]
 

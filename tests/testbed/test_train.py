@@ -1,0 +1,19 @@
+"""The training script runs end to end and writes a loadable float16 safetensors pipeline."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmerge.testbed.pipeline import load_testbed
+from tokenmerge.testbed.train import train
+
+
+def test_a_few_training_steps_write_a_loadable_pipeline(tmp_path):
+    out = tmp_path / "testbed"
+    train(out, steps=3, batch=4, width=16, samples=32)
+    assert list(out.glob("unet/*.safetensors")) and not list(out.rglob("*.bin"))
+    pipe = load_testbed(out)
+    assert pipe.unet.dtype == torch.float32  # stored in float16, loaded for CPU in float32
+    images = pipe("a small red square at the top left on a white background", num_inference_steps=2,
+                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (1, 32, 32, 3)
