@@ -85,7 +85,8 @@ class ReToM(MethodConfig):
         merge_attn: merge around self-attention (``attn1``).
         merge_crossattn: merge the queries of cross-attention (``attn2``).
         merge_mlp: merge around the feed-forward (``ff``).
-        seed: seed of the private generator for random destinations; None draws a fresh seed.
+        seed: seed of the private generator for random destinations; None forks the global RNG at each pipeline
+            call (reproducible under ``torch.manual_seed``) without consuming it.
     """
 
     ratio: float = 0.5

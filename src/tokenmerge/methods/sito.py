@@ -115,7 +115,8 @@ class SiTo(MethodConfig):
         merge_attn: prune around self-attention (``attn1``), the paper's setting.
         merge_crossattn: prune the queries of cross-attention (``attn2``); Table 2: costs FID, no speed.
         merge_mlp: prune around the feed-forward (``ff``); Table 2: costs FID, no speed.
-        seed: seed of the private generator for the noise and random strategies; None draws a fresh seed.
+        seed: seed of the private generator for the noise and random strategies; None forks the global RNG at each pipeline
+            call (reproducible under ``torch.manual_seed``) without consuming it.
     """
 
     ratio: float = 0.5

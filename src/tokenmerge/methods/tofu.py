@@ -116,7 +116,8 @@ class ToFu(MethodConfig):
         merge_attn: reduce around self-attention (``attn1``).
         merge_crossattn: reduce the queries of cross-attention (``attn2``).
         merge_mlp: reduce around the feed-forward (``ff``).
-        seed: seed of the private generator for the random destinations; None draws a fresh seed.
+        seed: seed of the private generator for the random destinations; None forks the global RNG at each pipeline
+            call (reproducible under ``torch.manual_seed``) without consuming it.
     """
 
     ratio: float = 0.5

@@ -37,7 +37,8 @@ class ToMe(MethodConfig):
         merge_attn: merge around self-attention (``attn1``).
         merge_crossattn: merge the queries of cross-attention (``attn2``).
         merge_mlp: merge around the feed-forward (``ff``).
-        seed: seed of the private generator for the random destinations; None draws a fresh seed.
+        seed: seed of the private generator for the random destinations; None forks the global RNG at each pipeline
+            call (reproducible under ``torch.manual_seed``) without consuming it.
     """
 
     ratio: float = 0.5
