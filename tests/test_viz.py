@@ -52,10 +52,10 @@ def test_side_by_side_puts_every_image_in_one_row():
         viz.side_by_side(images, ["a"])
 
 
-def two_row_plan() -> MergePlan:
+def two_row_plan(prune: bool = False) -> MergePlan:
     """Batch of 2 over a 2x2 grid, keeping a different destination/independent pair in each row."""
     return MergePlan(kept=torch.tensor([[0, 1], [3, 2]]), assign=torch.tensor([[0, 1, 0, 0], [0, 0, 1, 0]]),
-                     num_dst=1)
+                     num_dst=1, prune=prune)
 
 
 def event(step: int, block: str = "top", plan: MergePlan | None = None, importance=None, prune: bool = False):
@@ -66,12 +66,13 @@ def test_recorder_keeps_the_first_block_at_the_chosen_steps_from_the_last_batch_
     recorder = viz.MapRecorder(steps=[1, 3])
     importance = torch.tensor([[4.0, 3.0, 2.0, 1.0], [9.0, 9.0, 9.0, 9.0]])
     for step in range(4):
-        recorder(event(step, "top", two_row_plan(), importance, prune=step == 1))
+        recorder(event(step, "top", two_row_plan(prune=step == 1), importance))
         recorder(event(step, "deeper", None))
     assert recorder.block == "top" and sorted(recorder.maps) == [1, 3]
     maps = recorder.maps[1]
     assert maps.roles.tolist() == [[MERGED, MERGED], [INDEPENDENT, DESTINATION]]
-    assert maps.importance.tolist() == [[4.0, 3.0], [2.0, 1.0]] and maps.prune_phase
+    assert maps.importance.tolist() == [[4.0, 3.0], [2.0, 1.0]] and maps.prunes
+    assert not recorder.maps[3].prunes
 
 
 def test_recorder_draws_an_unmerged_block_as_all_destinations(tmp_path):

@@ -87,7 +87,7 @@ class StepMaps:
 
     roles: torch.Tensor  # (H, W) int8
     importance: torch.Tensor | None  # (H, W), None when no importance was known (first step, ToMe)
-    prune_phase: bool
+    prunes: bool  # the plan drops tokens (and copies them back) instead of averaging them
 
 
 class MapRecorder:
@@ -113,7 +113,8 @@ class MapRecorder:
         else:
             roles = event.plan.roles()[event.plan.batch_size - 1].reshape(event.grid)
         importance = None if event.importance is None else event.importance[0].reshape(event.grid).clone()
-        self.maps[event.step] = StepMaps(roles, importance, event.prune_phase)
+        prunes = event.plan is not None and event.plan.prune
+        self.maps[event.step] = StepMaps(roles, importance, prunes)
 
 
 def save_maps_figure(maps: dict[int, StepMaps], path: str | Path) -> Path:
@@ -129,7 +130,7 @@ def save_maps_figure(maps: dict[int, StepMaps], path: str | Path) -> Path:
         else:
             importance = importance_map(recorded.importance)
         columns.append(_stack([importance, computation]))
-        captions.append(f"step {step} ({'prune' if recorded.prune_phase else 'merge'})")
+        captions.append(f"step {step} ({'prune' if recorded.prunes else 'merge'})")
     path = Path(path)
     side_by_side(columns, captions).save(path)
     return path
