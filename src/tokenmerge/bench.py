@@ -1,0 +1,518 @@
+"""``tokenmerge bench``: time one denoiser step with and without token merging, on full-size architectures.
+
+    tokenmerge bench --models sd15 --sizes 512 --ratios 0.5 --methods unpatched,tomesd,tome,importance
+
+The denoisers are built from the architecture configs shipped in ``tokenmerge/configs`` (no weights are
+downloaded: the weights are random, which does not change the cost of a step). For every model and
+resolution, every variant (method x ratio, and the unpatched baseline) runs one step on a CFG batch
+(``[uncond; cond]``, batch ``2 x --images``): warm-up, then ``--repeats`` interleaved rounds (one run of each
+variant per round), so that drifts of the machine hit all variants alike. Per variant it reports:
+
+* time: median, min and max of the runs; CUDA events on GPU (the bench syncs only on the end event; the
+  U-Net itself copies its CPU timestep to the device first thing, when nothing is queued yet),
+  ``time.perf_counter`` on CPU;
+* peak memory: ``torch.cuda.max_memory_allocated`` during the timed runs on GPU (weights included); None on
+  CPU, where the allocator keeps no peak (a process RSS delta would mostly measure the allocator's caching);
+* FLOPs of one step, from ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention;
+  not elementwise ops, gathers or sorting), the FLOP-bound speed-up ``unpatched FLOPs / variant FLOPs``
+  and the achieved fraction of it, ``speed-up / FLOP bound``.
+
+``tomesd`` runs side by side on U-Nets (``tomesd.apply_patch`` with the same ratio and ``use_rand``).
+ImportanceMerge gets a fixed random importance map and ``prune_steps=0``, so its single step is in the
+merge phase. A method that does not apply to a model (``tokenmerge.apply`` raises ``ValueError``, e.g. on
+PixArt, which has no adapter yet) is reported as ``unsupported`` instead of stopping the run.
+Writes ``bench.md``, ``bench.csv`` and ``bench.png`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .api import apply, patched, remove
+from .methods import ImportanceMerge, ReToM, SiTo, ToFu, ToMe
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    title: str
+    config_file: str  # under tokenmerge/configs
+    tiny_kind: str | None  # tokenmerge.tiny kind for --tiny (None: TINY_PIXART)
+    gpu_sizes: tuple[int, ...]  # default resolutions on GPU; the first is the model's native one
+
+
+MODELS = {
+    "sd15": ModelSpec("SD 1.5", "sd15_unet.json", "sd1", (512, 1024, 2048)),
+    "sd21": ModelSpec("SD 2.1", "sd21_unet.json", "sd2", (768,)),
+    "sdxl": ModelSpec("SDXL", "sdxl_unet.json", "sdxl", (1024, 2048)),
+    "pixart": ModelSpec("PixArt-alpha", "pixart_alpha_transformer.json", None, (1024,)),
+}
+METHODS = ("unpatched", "tomesd", "tome", "importance", "retom", "sito", "tofu")
+UNPATCHED = "unpatched"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TINY_SIZE = 128  # the tiny configs' sample_size (16) x 8
+TEXT_TOKENS = {"UNet2DConditionModel": 77, "PixArtTransformer2DModel": 120}  # CLIP / PixArt's T5 length
+# A PixArt-alpha transformer with few channels, for --tiny (tokenmerge.tiny has U-Nets only).
+TINY_PIXART = dict(
+    _class_name="PixArtTransformer2DModel", num_attention_heads=2, attention_head_dim=8, in_channels=4,
+    out_channels=8, num_layers=2, cross_attention_dim=16, attention_bias=True, sample_size=16, patch_size=2,
+    activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+    norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=32,
+)
+CPU_DEFAULTS = dict(models=("sd15",), ratios=(0.5,), methods=("unpatched", "tomesd", "tome", "importance"),
+                    repeats=3, warmup=1)
+GPU_DEFAULTS = dict(models=tuple(MODELS), ratios=(0.3, 0.5, 0.7, 0.75),
+                    methods=("unpatched", "tomesd", "tome", "importance"), repeats=10, warmup=3)
+CSV_FIELDS = ("model", "size", "method", "ratio", "status", "median_s", "min_s", "max_s", "runs", "speedup",
+              "gflops", "flop_bound", "achieved", "peak_mem_mib", "note")
+
+
+# -- models and inputs ------------------------------------------------------------------------------
+def parse_names(text: str, known, what: str) -> tuple[str, ...]:
+    """``"a,b"`` -> ``("a", "b")``; a ``ValueError`` listing the known names for an unknown one."""
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise ValueError(f"unknown {what} {', '.join(map(repr, unknown)) or repr(text)}; "
+                         f"known {what}s: {', '.join(known)}")
+    return names
+
+
+def model_config(name: str, tiny: bool = False) -> dict:
+    """The diffusers config (``_class_name`` included) of a model: shipped full-size, or tiny."""
+    spec = MODELS[parse_names(name, MODELS, "model")[0]]
+    if tiny:
+        from .tiny import unet_config
+
+        if spec.tiny_kind is None:
+            return dict(TINY_PIXART)
+        return {"_class_name": "UNet2DConditionModel", **unet_config(spec.tiny_kind)}
+    return json.loads(resources.files("tokenmerge").joinpath("configs", spec.config_file).read_text())
+
+
+def build_denoiser(config: dict, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """A random-weight denoiser of the config's diffusers class, built on ``device`` ('meta': no memory)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = getattr(diffusers, config["_class_name"]).from_config(config)
+    # nn.Module.to: diffusers' own .to warns about casting, though these models keep no module in float32.
+    return nn.Module.to(model, device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def is_unet(denoiser: nn.Module) -> bool:
+    return type(denoiser).__name__ == "UNet2DConditionModel"
+
+
+def step_inputs(denoiser: nn.Module, size: int, images: int, device: torch.device, dtype: torch.dtype,
+                seed: int = 0) -> tuple[tuple, dict]:
+    """Arguments of one denoiser call on a CFG batch of ``2 * images`` at ``size`` pixels (latent = size / 8).
+
+    The latent goes first and positionally (tomesd reads ``args[0]``). The U-Net timestep is a CPU tensor:
+    tokenmerge's step clock reads it without a device-to-host sync, and the U-Net copies it to the device
+    first thing in its forward, when nothing but the start event is queued.
+    """
+    config, latent, batch = denoiser.config, size // 8, 2 * images
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device, dtype)
+
+    text = randn(batch, TEXT_TOKENS[type(denoiser).__name__],
+                 config.cross_attention_dim if is_unet(denoiser) else config.caption_channels)
+    if is_unet(denoiser):
+        kwargs = {}
+        if config.addition_embed_type == "text_time":  # SDXL: pooled text embedding and 6 size/crop ids
+            pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+            time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=dtype, device=device)
+            kwargs["added_cond_kwargs"] = {"text_embeds": randn(batch, pooled), "time_ids": time_ids.expand(batch, 6)}
+        return (randn(batch, config.in_channels, latent, latent), torch.tensor(500), text), kwargs
+    if latent % config.patch_size:
+        raise ValueError(f"{type(denoiser).__name__}: size {size} is not a multiple of {8 * config.patch_size}")
+    conditions = {"resolution": torch.tensor([[size, size]] * batch, dtype=dtype, device=device),
+                  "aspect_ratio": torch.ones(batch, 1, dtype=dtype, device=device)}
+    timestep = torch.full((batch,), 500, device=device)
+    return (randn(batch, config.in_channels, latent, latent), text, timestep), {"added_cond_kwargs": conditions}
+
+
+# -- variants ---------------------------------------------------------------------------------------
+@dataclass
+class Variant:
+    """One (method, ratio) on one model and resolution, and what was measured."""
+
+    method: str
+    ratio: float | None
+    patch: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None
+    status: str = "ok"
+    note: str = ""
+    times: list[float] = field(default_factory=list)
+    peak_bytes: int | None = None
+    flops: int | None = None
+
+
+@contextlib.contextmanager
+def tomesd_patched(denoiser: nn.Module, ratio: float, use_rand: bool) -> Iterator[None]:
+    import tomesd
+
+    tomesd.apply_patch(denoiser, ratio=ratio, use_rand=use_rand)
+    try:
+        yield
+    finally:
+        tomesd.remove_patch(denoiser)
+
+
+def method_config(method: str, ratio: float, latent: int, device: torch.device, use_rand: bool, seed: int):
+    """The tokenmerge config of a method; ImportanceMerge's importance is a fixed random map on ``device``."""
+    if method == "tome":
+        return ToMe(ratio=ratio, use_rand=use_rand, seed=seed)
+    if method == "importance":
+        importance = torch.rand(latent, latent, generator=torch.Generator().manual_seed(seed)).to(device)
+        return ImportanceMerge(ratio=ratio, importance=importance, prune_steps=0.0, seed=seed)
+    return {"retom": ReToM, "sito": SiTo, "tofu": ToFu}[method](ratio=ratio, seed=seed)
+
+
+def make_variant(method: str, ratio: float | None, denoiser: nn.Module, latent: int, device: torch.device,
+                 use_rand: bool, seed: int) -> Variant:
+    if method == UNPATCHED:
+        return Variant(method, None, lambda model: contextlib.nullcontext())
+    if method == "tomesd":
+        if not is_unet(denoiser):
+            return Variant(method, ratio, status="skipped", note="tomesd patches U-Nets only")
+        try:
+            import tomesd  # noqa: F401
+        except ImportError:
+            return Variant(method, ratio, status="skipped", note="tomesd is not installed (pip install tomesd)")
+        note = "tomesd clamps the ratio to 0.75 silently" if ratio > 0.75 else ""
+        return Variant(method, ratio, lambda model: tomesd_patched(model, ratio, use_rand), note=note)
+    try:
+        config = method_config(method, ratio, latent, device, use_rand, seed)
+    except ValueError as err:  # e.g. a ratio out of the method's range
+        return Variant(method, ratio, status="invalid", note=str(err).splitlines()[0])
+    try:
+        apply(denoiser, config)  # raises ValueError for a denoiser without an adapter (PixArt, for now)
+    except ValueError as err:
+        return Variant(method, ratio, status="unsupported", note=str(err).split(". ")[0])
+    finally:
+        remove(denoiser)
+    return Variant(method, ratio, lambda model: patched(model, config))
+
+
+# -- measuring --------------------------------------------------------------------------------------
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+def count_flops(step: Callable[[], object]) -> int:
+    """FLOPs of one call. FlopCounterMode knows the CUDA attention kernels; the CPU one is added here."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    with FlopCounterMode(display=False, custom_mapping={cpu_sdpa: _cpu_sdpa_flops} if cpu_sdpa else {}) as mode:
+        step()
+    return mode.get_total_flops()
+
+
+def timed(step: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call: CUDA events (synced once, on the end event) on GPU, perf_counter on CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start_s = time.perf_counter()
+    step()
+    return time.perf_counter() - start_s
+
+
+def measure(variant: Variant, denoiser: nn.Module, step: Callable[[], object], device: torch.device) -> float:
+    """One timed run of a variant (patching and unpatching happen outside the timed region)."""
+    with variant.patch(denoiser):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = timed(step, device)
+        if device.type == "cuda":
+            variant.peak_bytes = max(variant.peak_bytes or 0, torch.cuda.max_memory_allocated(device))
+    return seconds
+
+
+def bench_resolution(denoiser: nn.Module, size: int, args: argparse.Namespace) -> list[Variant]:
+    """Every variant of one model at one resolution: warm-up, interleaved timed rounds, FLOPs."""
+    inputs, kwargs = step_inputs(denoiser, size, args.images, args.device, args.dtype, args.seed)
+
+    def step() -> None:
+        with torch.no_grad():
+            denoiser(*inputs, **kwargs)
+
+    variants = [make_variant(UNPATCHED, None, denoiser, size // 8, args.device, args.use_rand, args.seed)]
+    variants += [make_variant(method, ratio, denoiser, size // 8, args.device, args.use_rand, args.seed)
+                 for ratio in args.ratios for method in args.methods if method != UNPATCHED]
+    runnable = [v for v in variants if v.status == "ok"]
+    for _ in range(args.warmup):
+        for variant in runnable:
+            measure(variant, denoiser, step, args.device)
+    for variant in runnable:
+        variant.peak_bytes = None  # the warm-up's peaks (first allocations, kernel selection) do not count
+    for round_index in range(args.repeats):
+        for variant in runnable:
+            variant.times.append(measure(variant, denoiser, step, args.device))
+        log(f"  {size} px: round {round_index + 1}/{args.repeats} done")
+    for variant in runnable:
+        with variant.patch(denoiser):
+            variant.flops = count_flops(step)
+    return variants
+
+
+def resolve(args: argparse.Namespace, usage_error: Callable[[str], None]) -> argparse.Namespace:
+    """Fill the device-dependent defaults (CPU: a small set; GPU: the full one) and parse the name lists."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        usage_error("--device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)")
+    args.device = torch.device(args.device)
+    gpu = args.device.type == "cuda"
+    if args.dtype == "auto":
+        args.dtype = "float16" if gpu else "float32"
+    args.dtype_name, args.dtype = args.dtype, DTYPES[args.dtype]
+    defaults = GPU_DEFAULTS if gpu else CPU_DEFAULTS
+    try:
+        args.models = parse_names(args.models, MODELS, "model") if args.models else defaults["models"]
+        args.methods = parse_names(args.methods, METHODS, "method") if args.methods else defaults["methods"]
+    except ValueError as err:
+        usage_error(str(err))
+    for name in ("ratios", "repeats", "warmup"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+    return args
+
+
+def sizes_for(model: str, args: argparse.Namespace) -> tuple[int, ...]:
+    if args.sizes:
+        return args.sizes
+    if args.tiny:
+        return (TINY_SIZE,)
+    return MODELS[model].gpu_sizes if args.device.type == "cuda" else MODELS[model].gpu_sizes[:1]
+
+
+def run_bench(args: argparse.Namespace) -> list[dict]:
+    """Bench every model and resolution; one row (a dict of CSV_FIELDS) per variant."""
+    rows = []
+    for model in args.models:
+        config = model_config(model, args.tiny)
+        log(f"{model}: building {config['_class_name']} ({'tiny' if args.tiny else 'full size'}, random weights) "
+            f"on {args.device} {args.dtype_name}")
+        denoiser = build_denoiser(config, args.device, args.dtype, args.seed)
+        for size in sizes_for(model, args):
+            rows += table_rows(model, size, bench_resolution(denoiser, size, args))
+        del denoiser
+        if args.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def table_rows(model: str, size: int, variants: list[Variant]) -> list[dict]:
+    base = variants[0]  # unpatched
+    base_median = statistics.median(base.times) if base.times else None
+    rows = []
+    for v in variants:
+        row = dict.fromkeys(CSV_FIELDS)
+        row.update(model=model, size=size, method=v.method, ratio=v.ratio, status=v.status, note=v.note)
+        if v.times:
+            median = statistics.median(v.times)
+            row.update(median_s=median, min_s=min(v.times), max_s=max(v.times), runs=len(v.times),
+                       speedup=base_median / median, gflops=v.flops / 1e9,
+                       flop_bound=base.flops / v.flops if v.flops else None)
+            row["achieved"] = row["speedup"] / row["flop_bound"] if row["flop_bound"] else None
+            row["peak_mem_mib"] = v.peak_bytes / 2**20 if v.peak_bytes is not None else None
+            if v.method != UNPATCHED and v.flops == base.flops:
+                row["note"] = "; ".join(filter(None, [v.note, "merges nothing (FLOPs unchanged)"]))
+        rows.append(row)
+    return rows
+
+
+# -- output -----------------------------------------------------------------------------------------
+def fmt(value, spec: str = ".3f", suffix: str = "") -> str:
+    if value is None or value == "":
+        return "-"
+    return f"{value:{spec}}{suffix}" if isinstance(value, float) else f"{value}{suffix}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = ("model", "px", "method", "ratio", "median s", "min s", "max s", "speed-up", "GFLOPs", "FLOP bound",
+              "achieved", "peak MiB", "note")
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for r in rows:
+        note = r["note"] if r["status"] == "ok" else f"{r['status']}: {r['note']}"
+        cells = (r["model"], r["size"], r["method"], fmt(r["ratio"], "g"), fmt(r["median_s"], ".4f"),
+                 fmt(r["min_s"], ".4f"), fmt(r["max_s"], ".4f"), fmt(r["speedup"], ".2f", "x"), fmt(r["gflops"], ".4g"),
+                 fmt(r["flop_bound"], ".2f", "x"), fmt(r["achieved"], ".0%"), fmt(r["peak_mem_mib"], ".0f"),
+                 note.replace("|", "/"))
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+    return path
+
+
+def write_plot(rows: list[dict], path: Path) -> Path:
+    """Speed-up vs ratio, one panel per model and resolution, one colour per method; dashed: the FLOP bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    merged = [r for r in rows if r["status"] == "ok" and r["method"] != UNPATCHED]
+    panels = list(dict.fromkeys((r["model"], r["size"]) for r in merged))
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.5 * max(1, len(panels)), 3.8), squeeze=False)
+    colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHODS)}
+    for ax, (model, size) in zip(axes[0], panels):
+        for method in dict.fromkeys(r["method"] for r in merged):
+            points = sorted((r["ratio"], r["speedup"], r["flop_bound"]) for r in merged
+                            if (r["model"], r["size"], r["method"]) == (model, size, method))
+            if points:
+                ratios, speedups, bounds = zip(*points)
+                ax.plot(ratios, speedups, "o-", color=colors[method], label=method)
+                ax.plot(ratios, bounds, "x--", color=colors[method], alpha=0.7)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set(title=f"{MODELS[model].title}, {size} px", xlabel="merge ratio", ylabel="speed-up (step)")
+        ax.legend(title="x, dashed: FLOP bound", fontsize=8, title_fontsize=8)
+    if not panels:
+        axes[0][0].text(0.5, 0.5, "no merged variant ran", ha="center", va="center")
+        axes[0][0].set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run, every default spelled out."""
+    def join(values) -> str:
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+    sizes = f" --sizes {join(args.sizes)}" if args.sizes else ""
+    return (f"tokenmerge bench --models {join(args.models)}{sizes} --ratios {join(args.ratios)} "
+            f"--methods {join(args.methods)} --repeats {args.repeats} --warmup {args.warmup} --images {args.images} "
+            f"--{'' if args.use_rand else 'no-'}use-rand --device {args.device} --dtype {args.dtype_name} "
+            f"--seed {args.seed}{' --tiny' if args.tiny else ''} --out {args.out}")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- command line -----------------------------------------------------------------------------------
+def size_list(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or any(size < 8 or size % 8 for size in sizes):
+        raise argparse.ArgumentTypeError(f"expected image sizes in pixels, multiples of 8, such as 512,1024; "
+                                         f"got {text!r}")
+    return sizes
+
+
+def ratio_list(text: str) -> tuple[float, ...]:
+    try:
+        ratios = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        ratios = ()
+    if not ratios or any(not 0 < ratio < 1 for ratio in ratios):
+        raise argparse.ArgumentTypeError(f"expected merge ratios in (0, 1) such as 0.3,0.5; got {text!r}")
+    return ratios
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def register(commands) -> argparse.ArgumentParser:
+    """Add the ``bench`` subcommand to the CLI's subparsers."""
+    bench = commands.add_parser(
+        "bench", help="time one denoiser step per model, method, ratio and resolution (FLOPs, memory, tomesd)",
+        description="Time one denoiser step (CFG batch) of full-size architectures with random weights, unpatched, "
+                    "with tomesd and with tokenmerge methods; write a markdown table, a CSV and a plot. "
+                    "Defaults: on CPU a small set (sd15 at 512 px, ratio 0.5, 3 repeats), on GPU the full one.",
+    )
+    bench.add_argument("--models", help=f"comma-separated, from {','.join(MODELS)} (CPU default: sd15; GPU: all)")
+    bench.add_argument("--sizes", type=size_list,
+                       help="image sizes in pixels, e.g. 512,1024 (default: the model's native size on CPU; on GPU "
+                            + "; ".join(f"{k} {','.join(map(str, s.gpu_sizes))}" for k, s in MODELS.items())
+                            + f"; {TINY_SIZE} with --tiny)")
+    bench.add_argument("--ratios", type=ratio_list, help="merge ratios (CPU default 0.5; GPU 0.3,0.5,0.7,0.75)")
+    bench.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)} (default: "
+                                         f"{','.join(CPU_DEFAULTS['methods'])}; unpatched always runs as the baseline)")
+    bench.add_argument("--repeats", type=at_least(1), help="interleaved timed rounds (CPU default 3; GPU 10)")
+    bench.add_argument("--warmup", type=at_least(0), help="untimed rounds first (CPU default 1; GPU 3)")
+    bench.add_argument("--images", type=at_least(1), default=1, help="images per step; the batch is 2 x images (CFG)")
+    bench.add_argument("--use-rand", action=argparse.BooleanOptionalAction, default=True,
+                       help="random destination per 2x2 cell for tomesd and ToMe (default: on, as tomesd)")
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    bench.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                       help="auto: float16 on CUDA, float32 on CPU")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the weights, inputs and merging RNGs")
+    bench.add_argument("--out", type=Path, default=Path("outputs/bench"), help="folder for bench.md/.csv/.png")
+    bench.add_argument("--tiny", action="store_true", help="tiny configs (tokenmerge.tiny) instead of full size")
+    bench.set_defaults(handler=run_command, usage_error=bench.error)
+    return bench
+
+
+def run_command(args: argparse.Namespace) -> list[dict]:
+    resolve(args, args.usage_error)
+    rows = run_bench(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    machine = (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
+                else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
+    title = (f"One denoiser step, batch {2 * args.images} (CFG), {machine} {args.dtype_name}, "
+             f"{args.warmup} warm-up + {args.repeats} interleaved rounds, torch {torch.__version__}"
+             f"{', tiny configs' if args.tiny else ''}\n\n")
+    table = markdown_table(rows)
+    print(title + table)
+    (args.out / "bench.md").write_text(f"{title}```\n{command_line(args)}\n```\n\n{table}")
+    written = [args.out / "bench.md", write_csv(rows, args.out / "bench.csv"), write_plot(rows, args.out / "bench.png")]
+    print("wrote " + ", ".join(map(str, written)))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """``python -m tokenmerge.bench ...``: the same as ``tokenmerge bench ...``."""
+    parser = argparse.ArgumentParser(prog="tokenmerge")
+    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    main()

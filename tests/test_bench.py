@@ -1,0 +1,120 @@
+"""``tokenmerge bench`` on tiny configs (end to end, FLOPs, tomesd side by side, PixArt) and the shipped
+full-size configs (built on the meta device: no memory). No timing assertions: speed lives in benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tokenmerge import bench, cli
+
+
+def run_bench(out: Path, *options: str) -> list[dict]:
+    bench.main(["--tiny", "--sizes", "128", "--ratios", "0.5", "--repeats", "1", "--warmup", "0",
+              "--out", str(out), *options])
+    with (out / "bench.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def by_method(rows: list[dict], model: str) -> dict[str, dict]:
+    return {row["method"]: row for row in rows if row["model"] == model}
+
+
+def test_end_to_end_writes_table_csv_and_plot_and_merging_cuts_flops(tmp_path, capsys):
+    rows = run_bench(tmp_path, "--models", "sd15", "--methods", "tome,importance")
+    out = capsys.readouterr().out
+    assert "| model | px | method |" in out and "FLOP bound" in out
+    methods = by_method(rows, "sd15")
+    assert list(methods) == ["unpatched", "tome", "importance"]  # unpatched always runs, as the baseline
+    for row in methods.values():
+        assert row["status"] == "ok" and row["runs"] == "1" and float(row["median_s"]) > 0
+        assert row["peak_mem_mib"] == ""  # CPU: no allocator peak
+    unpatched = float(methods["unpatched"]["gflops"])
+    for method in ("tome", "importance"):
+        assert unpatched > float(methods[method]["gflops"]) > 0
+        assert float(methods[method]["flop_bound"]) > 1
+        assert float(methods[method]["achieved"]) == pytest.approx(
+            float(methods[method]["speedup"]) / float(methods[method]["flop_bound"]))
+    table = (tmp_path / "bench.md").read_text()
+    assert "tokenmerge bench --models sd15 --sizes 128 --ratios 0.5 --methods tome,importance" in table
+    assert table.count("| sd15 | 128 |") == 3
+    assert Image.open(tmp_path / "bench.png").size[0] > 100
+
+
+def test_tomesd_runs_beside_tokenmerge_on_unets_and_pixart_is_reported_not_crashed(tmp_path):
+    rows = run_bench(tmp_path, "--models", "sd15,sdxl,pixart", "--methods", "unpatched,tomesd,tome")
+    sd15, sdxl, pixart = (by_method(rows, model) for model in ("sd15", "sdxl", "pixart"))
+    assert sd15["tomesd"]["status"] == "ok" and float(sd15["tomesd"]["flop_bound"]) > 1
+    # On SDXL tomesd's max_downsample=1 patches the top level, which has no attention: nothing merged.
+    assert sdxl["tomesd"]["status"] == "ok" and "merges nothing" in sdxl["tomesd"]["note"]
+    assert float(sdxl["tome"]["flop_bound"]) > 1
+    assert pixart["unpatched"]["status"] == "ok" and float(pixart["unpatched"]["gflops"]) > 0
+    assert pixart["tomesd"]["status"] == "skipped" and "U-Nets only" in pixart["tomesd"]["note"]
+    assert pixart["tome"]["status"] == "unsupported" and "PixArtTransformer2DModel" in pixart["tome"]["note"]
+
+
+def test_a_ratio_out_of_a_methods_range_is_reported_as_invalid(tmp_path):
+    rows = run_bench(tmp_path, "--models", "sd15", "--methods", "tome", "--ratios", "0.8")
+    assert by_method(rows, "sd15")["tome"]["status"] == "invalid"
+    assert "ratio" in by_method(rows, "sd15")["tome"]["note"]
+
+
+@pytest.mark.parametrize("model, expected", [
+    ("sd15", dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                  use_linear_projection=False, sample_size=64, params=859_520_964)),
+    ("sd21", dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=1024,
+                  attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, sample_size=96,
+                  params=865_910_724)),
+    ("sdxl", dict(block_out_channels=(320, 640, 1280), cross_attention_dim=2048, addition_embed_type="text_time",
+                  transformer_layers_per_block=(1, 2, 10), projection_class_embeddings_input_dim=2816,
+                  sample_size=128, params=2_567_463_684)),
+    ("pixart", dict(num_layers=28, patch_size=2, sample_size=128, caption_channels=4096, norm_type="ada_norm_single",
+                    num_attention_heads=16, attention_head_dim=72, params=611_349_152)),
+])
+def test_shipped_full_size_configs_build_their_diffusers_classes(model, expected):
+    denoiser = bench.build_denoiser(bench.model_config(model), "meta", torch.float16)
+    config = denoiser.config
+    for key, value in expected.items():
+        if key != "params":
+            assert (tuple(config[key]) if isinstance(config[key], list) else config[key]) == value, key
+    assert sum(p.numel() for p in denoiser.parameters()) == expected["params"]  # the released models' counts
+    assert next(denoiser.parameters()).dtype == torch.float16
+    if model == "sd21":  # 64-dim heads: 320 channels / 5 heads
+        attn = denoiser.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+        assert attn.inner_dim // attn.heads == 64
+    if model == "pixart":
+        assert type(denoiser).__name__ == "PixArtTransformer2DModel"
+
+
+def test_bad_names_list_the_known_ones(capsys):
+    with pytest.raises(ValueError, match="unknown model 'sd3'.*sd15, sd21, sdxl, pixart"):
+        bench.parse_names("sd15,sd3", bench.MODELS, "model")
+    for option, named in (("--models", "known models: sd15"), ("--methods", "known methods: unpatched, tomesd")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["--tiny", option, "nope"])
+        assert exit_info.value.code == 2
+        err = " ".join(capsys.readouterr().err.split())  # argparse wraps long messages
+        assert "'nope'" in err and named in err
+    with pytest.raises(SystemExit):
+        bench.main(["--sizes", "500"])  # not a multiple of 8
+    assert "multiples of 8" in capsys.readouterr().err
+
+
+def test_the_cli_has_the_bench_command():
+    args = cli.build_parser().parse_args(["bench", "--models", "sdxl", "--tiny"])
+    assert args.handler is bench.run_command and args.models == "sdxl" and args.tiny
+
+
+def test_defaults_follow_the_device():
+    parser = argparse.ArgumentParser()
+    bench.register(parser.add_subparsers())
+    args = bench.resolve(parser.parse_args(["bench"]), pytest.fail)
+    assert (args.device.type, args.dtype, args.models, args.ratios, args.repeats) == (
+        "cpu", torch.float32, ("sd15",), (0.5,), 3)
+    assert bench.sizes_for("sd15", args) == (512,) and bench.sizes_for("sdxl", args) == (1024,)
+    assert bench.GPU_DEFAULTS["ratios"] == (0.3, 0.5, 0.7, 0.75)
