@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .api import apply, patched, remove
+from .cli import at_least, number_list
 from .methods import ImportanceMerge, ReToM, SiTo, ToFu, ToMe
 
 
@@ -425,37 +426,18 @@ def log(message: str) -> None:
 
 # -- command line -----------------------------------------------------------------------------------
 def size_list(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        sizes = ()
-    if not sizes or any(size < 8 or size % 8 for size in sizes):
+    sizes = number_list(int, "512,1024")(text)
+    if any(size < 8 or size % 8 for size in sizes):
         raise argparse.ArgumentTypeError(f"expected image sizes in pixels, multiples of 8, such as 512,1024; "
                                          f"got {text!r}")
     return sizes
 
 
 def ratio_list(text: str) -> tuple[float, ...]:
-    try:
-        ratios = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        ratios = ()
-    if not ratios or any(not 0 < ratio < 1 for ratio in ratios):
+    ratios = number_list(float, "0.3,0.5")(text)
+    if any(not 0 < ratio < 1 for ratio in ratios):
         raise argparse.ArgumentTypeError(f"expected merge ratios in (0, 1) such as 0.3,0.5; got {text!r}")
     return ratios
-
-
-def at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 def register(commands) -> argparse.ArgumentParser:

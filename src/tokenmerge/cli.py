@@ -62,11 +62,35 @@ def step_list(text: str) -> tuple[int, ...]:
     return steps
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: a whole number no smaller than ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = at_least(1)
+
+
+def number_list(kind: type, example: str) -> Callable[[str], tuple]:
+    """argparse type: comma-separated numbers of ``kind``, at least one."""
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            values = ()
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as {example}, got {text!r}")
+        return values
+
+    return parse
 
 
 def default_map_steps(steps: int) -> tuple[int, ...]:

@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from .api import patched
-from .cli import DTYPES, METHODS, UNPATCHED, load_pipeline, positive_int, resolve_device, synchronize
+from .cli import DTYPES, METHODS, UNPATCHED, load_pipeline, number_list, positive_int, resolve_device, synchronize
 from .methods.base import MethodConfig
 from .testbed.data import ATTRIBUTES, SPLIT_SEEDS, Scene, all_scenes, render, sample_scenes
 
@@ -884,19 +884,6 @@ def image_grid(rows: list[list[np.ndarray]], row_labels: Sequence[str], column_l
 
 
 # --------------------------------------------------------------------------------------------------- CLI
-
-def number_list(kind: type, example: str) -> Callable[[str], tuple]:
-    def parse(text: str) -> tuple:
-        try:
-            values = tuple(kind(part) for part in text.split(",") if part.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as {example}, got {text!r}")
-        if not values:
-            raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as {example}, got {text!r}")
-        return values
-
-    return parse
-
 
 def register(commands) -> argparse.ArgumentParser:
     """Add the ``eval`` subcommand to ``tokenmerge``'s subparsers."""
