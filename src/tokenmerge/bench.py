@@ -43,8 +43,9 @@ import torch
 from torch import nn
 
 from .api import apply, patched, remove
+from .cli import METHODS as CONFIGS
 from .cli import at_least, number_list
-from .methods import ImportanceMerge, ReToM, SiTo, ToFu, ToMe
+from .methods import ImportanceMerge, ToMe
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ def method_config(method: str, ratio: float, latent: int, device: torch.device, 
     if method == "importance":
         importance = torch.rand(latent, latent, generator=torch.Generator().manual_seed(seed)).to(device)
         return ImportanceMerge(ratio=ratio, importance=importance, prune_steps=0.0, seed=seed)
-    return {"retom": ReToM, "sito": SiTo, "tofu": ToFu}[method](ratio=ratio, seed=seed)
+    return CONFIGS[method](ratio=ratio, seed=seed)
 
 
 def make_variant(method: str, ratio: float | None, denoiser: nn.Module, latent: int, device: torch.device,
