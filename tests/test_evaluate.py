@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 
-from tokenmerge import cli, evaluate
+from tokenmerge import ImportanceMerge, cli, evaluate
 from tokenmerge.testbed.data import ATTRIBUTES, make_batch, sample_scenes
 from tokenmerge.testbed.judge import load_judge, to_tensor
 from tokenmerge.testbed import pipeline as testbed_pipeline
@@ -318,3 +318,19 @@ def test_fd_of_real_images_against_themselves_is_zero_and_against_other_images_i
     scale = evaluate.frechet_distance(real_features, other_features)
     assert scale > 0
     assert evaluate.frechet_distance(real_features, real_features) < 1e-4 * scale
+
+
+def test_parse_methods_reads_config_options_and_keeps_ablations_apart():
+    variants = evaluate.parse_methods(
+        "importance:0.7, importance[dst_selection=topk]:0.7, importance[independent_from=all;pool=0.5], tome", [0.6])
+    assert [(v.method, v.ratio) for v in variants] == [
+        ("importance", 0.7), ("importance[dst_selection=topk]", 0.7),
+        ("importance[pool=0.5;independent_from=all]", 0.6), ("tome", 0.6)]
+    assert variants[1].config.dst_selection == "topk" and variants[2].config.pool == 0.5
+    assert variants[1].folder == "importance_dst_selection=topk-0.7"
+    assert evaluate.parse_methods([ImportanceMerge(ratio=0.5, dst_selection="topk")])[0].method == \
+        "importance[dst_selection=topk]"
+    with pytest.raises(evaluate.EvalError, match="bad option 'destinations=topk'.*dst_selection"):
+        evaluate.parse_methods("importance[destinations=topk]")
+    with pytest.raises(evaluate.EvalError, match="dst_selection"):
+        evaluate.parse_methods("importance[dst_selection=best]")

@@ -23,6 +23,7 @@ import csv
 import dataclasses
 import json
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -75,27 +76,55 @@ class Variant:
 
     @property
     def folder(self) -> str:
-        return self.method if self.config is None else f"{self.method}-{self.config.ratio:g}"
+        name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", self.method).strip("_")
+        return name if self.config is None else f"{name}-{self.config.ratio:g}"
 
 
 REFERENCE = Variant(UNPATCHED)
 
 
 def method_name(config: MethodConfig) -> str:
-    for name, config_class in METHODS.items():
-        if config_class is not None and type(config) is config_class:
-            return name
-    return type(config).__name__.lower()
+    """The method's CLI name, followed by the fields set away from their defaults: ``importance[dst_selection=topk]``."""
+    name = next((name for name, config_class in METHODS.items()
+                 if config_class is not None and type(config) is config_class), type(config).__name__.lower())
+    default = type(config)()
+    changed = [f"{field.name}={getattr(config, field.name)}" for field in dataclasses.fields(config)
+               if field.name not in ("ratio", "seed") and _plain(getattr(config, field.name))
+               and getattr(config, field.name) != getattr(default, field.name)]
+    return f"{name}[{';'.join(changed)}]" if changed else name
+
+
+def _plain(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _option_value(text: str) -> Any:
+    lowered = text.strip().lower()
+    if lowered in ("true", "false", "none"):
+        return {"true": True, "false": False, "none": None}[lowered]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+_METHOD_ITEM = re.compile(r"^\s*([A-Za-z_]*)\s*(?:\[([^\]]*)\])?\s*(?::(.*))?$")
 
 
 def parse_methods(methods: str | Sequence[str | MethodConfig], ratios: Sequence[float] | None = None
                   ) -> list[Variant]:
     """The method variants to evaluate (the unpatched reference is not among them: it always runs).
 
-    ``methods`` is ``"tome,importance:0.7"`` or a sequence of such names and of method configs. A name without
+    ``methods`` is ``"tome,importance:0.7,importance[dst_selection=topk]:0.7"`` or a sequence of such items and
+    of method configs; ``[field=value;...]`` sets config fields (the paper's ablation switches). An item without
     a ratio takes each of ``ratios`` (the cross product), or its config's default ratio when ``ratios`` is None.
     """
-    items = [part.strip() for part in methods.split(",")] if isinstance(methods, str) else list(methods)
+    if isinstance(methods, str):
+        items: list[Any] = [part for part in re.split(r",(?![^\[]*\])", methods) if part.strip()]
+    else:
+        items = list(methods)
     variants: dict[str, Variant] = {}
     for item in items:
         if isinstance(item, MethodConfig):
@@ -104,25 +133,36 @@ def parse_methods(methods: str | Sequence[str | MethodConfig], ratios: Sequence[
             continue
         if not isinstance(item, str):
             raise EvalError(f"a method is a name such as 'tome' or 'tome:0.5' or a config, got {item!r}")
-        name, has_ratio, ratio_text = item.partition(":")
-        name = name.strip().lower()
+        match = _METHOD_ITEM.match(item)
+        if match is None:
+            raise EvalError(f"cannot read method {item.strip()!r}; write NAME, NAME:RATIO or "
+                            f"NAME[field=value;...]:RATIO, e.g. importance[dst_selection=topk]:0.7")
+        name, options_text, ratio_text = match.group(1).lower(), match.group(2), match.group(3)
         if not name or name == UNPATCHED:  # the reference runs anyway
             continue
         if name not in KNOWN_METHODS:
             raise EvalError(f"unknown method {name!r}; known methods: {', '.join(KNOWN_METHODS)}")
-        if has_ratio:
+        options: dict[str, Any] = {}
+        known_fields = {field.name for field in dataclasses.fields(METHODS[name])} - {"ratio"}
+        for option in filter(str.strip, (options_text or "").split(";")):
+            key, has_value, value = option.partition("=")
+            if not has_value or key.strip() not in known_fields:
+                raise EvalError(f"bad option {option.strip()!r} for {name}: write field=value with a field among "
+                                f"{', '.join(sorted(known_fields))}")
+            options[key.strip()] = _option_value(value)
+        if ratio_text is not None:
             try:
                 item_ratios: list[float | None] = [float(ratio_text)]
             except ValueError:
-                raise EvalError(f"bad ratio in {item!r}: write METHOD:RATIO, e.g. {name}:0.5") from None
+                raise EvalError(f"bad ratio in {item.strip()!r}: write METHOD:RATIO, e.g. {name}:0.5") from None
         else:
             item_ratios = list(ratios) if ratios else [None]
         for ratio in item_ratios:
             try:
-                config = METHODS[name]() if ratio is None else METHODS[name](ratio=ratio)
-            except ValueError as err:  # the config names the field and its range
+                config = METHODS[name](**options) if ratio is None else METHODS[name](ratio=ratio, **options)
+            except (ValueError, TypeError) as err:  # the config names the field and its range
                 raise EvalError(str(err)) from None
-            variant = Variant(name, config)
+            variant = Variant(method_name(config), config)
             variants.setdefault(variant.label, variant)
     return list(variants.values())
 

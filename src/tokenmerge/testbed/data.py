@@ -147,9 +147,24 @@ def _texture_mask(texture: str, big: int, phase: float) -> np.ndarray:
     return (on * 255).astype(np.uint8)
 
 
-def make_batch(split: str, count: int, size: int = 32, seed_offset: int = 0) -> tuple[np.ndarray, list[Scene]]:
-    """``(count, size, size, 3)`` uint8 images and their scenes; image ``i`` jittered with its own seed."""
+def make_batch(split: str, count: int, size: int = 32, seed_offset: int = 0, workers: int = 1
+               ) -> tuple[np.ndarray, list[Scene]]:
+    """``(count, size, size, 3)`` uint8 images and their scenes; image ``i`` jittered with its own seed.
+
+    ``workers`` > 1 renders in that many processes (same images: each one depends on its own seed only).
+    """
     scenes = sample_scenes(split, count, seed_offset)
     base = SPLIT_SEEDS[split] * 1_000_003 + seed_offset * 7919
-    images = np.stack([np.asarray(render(s, size, jitter_seed=base + i)) for i, s in enumerate(scenes)])
-    return images, scenes
+    jobs = [(scene, size, base + i) for i, scene in enumerate(scenes)]
+    if workers > 1 and count > 1:
+        from multiprocessing import get_context
+
+        with get_context("spawn").Pool(workers) as pool:
+            images = pool.starmap(_render_array, jobs, chunksize=max(1, count // (4 * workers)))
+    else:
+        images = [_render_array(*job) for job in jobs]
+    return np.stack(images), scenes
+
+
+def _render_array(scene: Scene, size: int, jitter_seed: int) -> np.ndarray:
+    return np.asarray(render(scene, size, jitter_seed=jitter_seed))
