@@ -46,16 +46,19 @@ def test_end_to_end_writes_table_csv_and_plot_and_merging_cuts_flops(tmp_path, c
     assert Image.open(tmp_path / "bench.png").size[0] > 100
 
 
-def test_tomesd_runs_beside_tokenmerge_on_unets_and_pixart_is_reported_not_crashed(tmp_path):
-    rows = run_bench(tmp_path, "--models", "sd15,sdxl,pixart", "--methods", "unpatched,tomesd,tome")
-    sd15, sdxl, pixart = (by_method(rows, model) for model in ("sd15", "sdxl", "pixart"))
+def test_tomesd_runs_beside_tokenmerge_on_unets_and_transformers_merge_with_their_presets(tmp_path):
+    rows = run_bench(tmp_path, "--models", "sd15,sdxl,pixart,dit", "--methods", "unpatched,tomesd,tome,importance")
+    sd15, sdxl, pixart, dit = (by_method(rows, model) for model in ("sd15", "sdxl", "pixart", "dit"))
     assert sd15["tomesd"]["status"] == "ok" and float(sd15["tomesd"]["flop_bound"]) > 1
     # On SDXL tomesd's max_downsample=1 patches the top level, which has no attention: nothing merged.
     assert sdxl["tomesd"]["status"] == "ok" and "merges nothing" in sdxl["tomesd"]["note"]
     assert float(sdxl["tome"]["flop_bound"]) > 1
     assert pixart["unpatched"]["status"] == "ok" and float(pixart["unpatched"]["gflops"]) > 0
-    assert pixart["tomesd"]["status"] == "skipped" and "U-Nets only" in pixart["tomesd"]["note"]
-    assert pixart["tome"]["status"] == "unsupported" and "PixArtTransformer2DModel" in pixart["tome"]["note"]
+    for transformer in (pixart, dit):
+        assert transformer["unpatched"]["status"] == "ok" and float(transformer["unpatched"]["gflops"]) > 0
+        assert transformer["tomesd"]["status"] == "skipped" and "U-Nets only" in transformer["tomesd"]["note"]
+        for method in ("tome", "importance"):  # the middle half of the blocks merged: fewer FLOPs
+            assert transformer[method]["status"] == "ok" and float(transformer[method]["flop_bound"]) > 1
 
 
 def test_a_ratio_out_of_a_methods_range_is_reported_as_invalid(tmp_path):
@@ -75,6 +78,9 @@ def test_a_ratio_out_of_a_methods_range_is_reported_as_invalid(tmp_path):
                   sample_size=128, params=2_567_463_684)),
     ("pixart", dict(num_layers=28, patch_size=2, sample_size=128, caption_channels=4096, norm_type="ada_norm_single",
                     num_attention_heads=16, attention_head_dim=72, params=611_349_152)),
+    # DiT-XL/2 has 675 M parameters; diffusers' DiT keeps a timestep/class embedder in every block's adaLN-Zero.
+    ("dit", dict(num_layers=28, patch_size=2, sample_size=32, norm_type="ada_norm_zero", num_attention_heads=16,
+                 attention_head_dim=72, out_channels=8, params=749_826_464)),
 ])
 def test_shipped_full_size_configs_build_their_diffusers_classes(model, expected):
     denoiser = bench.build_denoiser(bench.model_config(model), "meta", torch.float16)
@@ -87,12 +93,12 @@ def test_shipped_full_size_configs_build_their_diffusers_classes(model, expected
     if model == "sd21":  # 64-dim heads: 320 channels / 5 heads
         attn = denoiser.down_blocks[0].attentions[0].transformer_blocks[0].attn1
         assert attn.inner_dim // attn.heads == 64
-    if model == "pixart":
-        assert type(denoiser).__name__ == "PixArtTransformer2DModel"
+    if model in ("pixart", "dit"):
+        assert type(denoiser).__name__ == {"pixart": "PixArtTransformer2DModel", "dit": "DiTTransformer2DModel"}[model]
 
 
 def test_bad_names_list_the_known_ones(capsys):
-    with pytest.raises(ValueError, match="unknown model 'sd3'.*sd15, sd21, sdxl, pixart"):
+    with pytest.raises(ValueError, match="unknown model 'sd3'.*sd15, sd21, sdxl, pixart, dit"):
         bench.parse_names("sd15,sd3", bench.MODELS, "model")
     for option, named in (("--models", "known models: sd15"), ("--methods", "known methods: unpatched, tomesd")):
         with pytest.raises(SystemExit) as exit_info:

@@ -8,9 +8,11 @@ from typing import TypeVar
 
 from torch import nn
 
-from .hooks import BlockPatch, install_denoiser_hooks
+from .hooks import install_denoiser_hooks
 from .methods.base import MethodConfig
 from .models import adapter_for
+from .presets import resolve
+from .signals import install_crossattn_importance
 from .state import PatchState, PlanEvent
 
 Model = TypeVar("Model")
@@ -35,7 +37,9 @@ def apply(model: Model, config: MethodConfig, *, on_plan: Callable[[PlanEvent], 
     """Patch ``model`` (a pipeline or its denoiser) with a token-merging method; returns ``model``.
 
     Applying again replaces the earlier patch. ``on_plan``, if given, is called with a
-    :class:`~tokenmerge.state.PlanEvent` for every plan built (used by the CLI's maps).
+    :class:`~tokenmerge.state.PlanEvent` for every plan built (used by the CLI's maps; temporal plans of video
+    models are not reported). Fields of ``config`` that were not passed take the preset of the model's family
+    (:mod:`tokenmerge.presets`); :func:`current_config` returns the resolved config.
     """
     if not isinstance(config, MethodConfig):
         raise ValueError(
@@ -44,29 +48,36 @@ def apply(model: Model, config: MethodConfig, *, on_plan: Callable[[PlanEvent], 
         )
     denoiser, pipeline = find_denoiser(model)
     adapter = adapter_for(denoiser)
-    targets = adapter.targets(config.max_downsample_levels())
-    patches = []
-    for target in targets:
-        submodules = [
-            getattr(target.block, name)
-            for name, wanted in (("attn1", config.merge_attn), ("attn2", config.merge_crossattn),
-                                 ("ff", config.merge_mlp))
-            if wanted and getattr(target.block, name, None) is not None
-        ]
-        if submodules:
-            patches.append((target, submodules))
+    config = resolve(config, adapter.family)
+    adapter.check(config)
+    patches = [(target, adapter.submodules(config, target)) for target in adapter.targets(config)]
+    patches = [(target, submodules) for target, submodules in patches if submodules]
     if not patches:
+        where = (f"layers={config.layers}" if config.layers is not None
+                 else f"the first {config.max_downsample_levels()} attention level(s)")
         raise ValueError(
             f"tokenmerge: {type(config).__name__} would patch nothing in {type(denoiser).__name__}: no transformer "
             f"block with the requested submodules (attn1={config.merge_attn}, attn2={config.merge_crossattn}, "
-            f"ff={config.merge_mlp}) in the first {config.max_downsample_levels()} attention level(s). "
-            "Raise max_downsample or enable another submodule."
+            f"ff={config.merge_mlp}) in {where}. Widen the placement (max_downsample on a U-Net, layers on a "
+            "transformer) or enable another submodule."
         )
+    temporal = [(target, adapter.submodules(config, target)) for target in adapter.temporal_targets(config)]
+    if config.temporal_ratio > 0 and not temporal:
+        raise ValueError(
+            f"tokenmerge: {type(config).__name__}.temporal_ratio={config.temporal_ratio} but no motion-module block "
+            f"runs at the merged levels of {type(denoiser).__name__}; raise max_downsample or leave it at 0"
+        )
+    crossattn = getattr(config, "importance", None) == "crossattn"
+    if crossattn:
+        adapter.importance_target()  # raises, naming the alternatives, on a model without cross-attention
     remove(model)
     state = PatchState(config, adapter, pipeline, on_plan)
     install_denoiser_hooks(state, denoiser)
-    for target, submodules in patches:
-        BlockPatch(state, target).install(submodules)
+    adapter.install(state)
+    for target, submodules in patches + temporal:
+        adapter.make_patch(state, target).install(submodules)
+    if crossattn:
+        install_crossattn_importance(state, adapter)
     setattr(denoiser, STATE_ATTR, state)
     return model
 

@@ -19,8 +19,9 @@ variant per round), so that drifts of the machine hit all variants alike. Per va
 
 ``tomesd`` runs side by side on U-Nets (``tomesd.apply_patch`` with the same ratio and ``use_rand``).
 ImportanceMerge gets a fixed random importance map and ``prune_steps=0``, so its single step is in the
-merge phase. A method that does not apply to a model (``tokenmerge.apply`` raises ``ValueError``, e.g. on
-PixArt, which has no adapter yet) is reported as ``unsupported`` instead of stopping the run.
+merge phase. Transformers (PixArt-alpha, DiT-XL/2) are patched with their family presets (the middle half of
+the blocks; ``tokenmerge.presets``). A method that does not apply to a model (``tokenmerge.apply`` raises
+``ValueError``) is reported as ``unsupported`` instead of stopping the run.
 Writes ``bench.md``, ``bench.csv`` and ``bench.png`` under ``--out``.
 """
 
@@ -52,7 +53,7 @@ from .methods import ImportanceMerge, ToMe
 class ModelSpec:
     title: str
     config_file: str  # under tokenmerge/configs
-    tiny_kind: str | None  # tokenmerge.tiny kind for --tiny (None: TINY_PIXART)
+    tiny_kind: str  # tokenmerge.tiny U-Net kind, or "pixart" / "dit" for --tiny
     gpu_sizes: tuple[int, ...]  # default resolutions on GPU; the first is the model's native one
 
 
@@ -60,20 +61,14 @@ MODELS = {
     "sd15": ModelSpec("SD 1.5", "sd15_unet.json", "sd1", (512, 1024, 2048)),
     "sd21": ModelSpec("SD 2.1", "sd21_unet.json", "sd2", (768,)),
     "sdxl": ModelSpec("SDXL", "sdxl_unet.json", "sdxl", (1024, 2048)),
-    "pixart": ModelSpec("PixArt-alpha", "pixart_alpha_transformer.json", None, (1024,)),
+    "pixart": ModelSpec("PixArt-alpha", "pixart_alpha_transformer.json", "pixart", (1024,)),
+    "dit": ModelSpec("DiT-XL/2", "dit_xl2_256_transformer.json", "dit", (256, 512)),
 }
 METHODS = ("unpatched", "tomesd", "tome", "importance", "retom", "sito", "tofu")
 UNPATCHED = "unpatched"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TINY_SIZE = 128  # the tiny configs' sample_size (16) x 8
 TEXT_TOKENS = {"UNet2DConditionModel": 77, "PixArtTransformer2DModel": 120}  # CLIP / PixArt's T5 length
-# A PixArt-alpha transformer with few channels, for --tiny (tokenmerge.tiny has U-Nets only).
-TINY_PIXART = dict(
-    _class_name="PixArtTransformer2DModel", num_attention_heads=2, attention_head_dim=8, in_channels=4,
-    out_channels=8, num_layers=2, cross_attention_dim=16, attention_bias=True, sample_size=16, patch_size=2,
-    activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-    norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=32,
-)
 CPU_DEFAULTS = dict(models=("sd15",), ratios=(0.5,), methods=("unpatched", "tomesd", "tome", "importance"),
                     repeats=3, warmup=1)
 GPU_DEFAULTS = dict(models=tuple(MODELS), ratios=(0.3, 0.5, 0.7, 0.75),
@@ -97,10 +92,12 @@ def model_config(name: str, tiny: bool = False) -> dict:
     """The diffusers config (``_class_name`` included) of a model: shipped full-size, or tiny."""
     spec = MODELS[parse_names(name, MODELS, "model")[0]]
     if tiny:
-        from .tiny import unet_config
+        from .tiny import DIT_CONFIG, PIXART_CONFIG, unet_config
 
-        if spec.tiny_kind is None:
-            return dict(TINY_PIXART)
+        if spec.tiny_kind == "pixart":
+            return {"_class_name": "PixArtTransformer2DModel", **PIXART_CONFIG}
+        if spec.tiny_kind == "dit":
+            return {"_class_name": "DiTTransformer2DModel", **DIT_CONFIG}
         return {"_class_name": "UNet2DConditionModel", **unet_config(spec.tiny_kind)}
     return json.loads(resources.files("tokenmerge").joinpath("configs", spec.config_file).read_text())
 
@@ -134,6 +131,12 @@ def step_inputs(denoiser: nn.Module, size: int, images: int, device: torch.devic
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(device, dtype)
 
+    if type(denoiser).__name__ == "DiTTransformer2DModel":  # class-conditional: [cond; null class], as DiTPipeline
+        if latent % config.patch_size:
+            raise ValueError(f"DiTTransformer2DModel: size {size} is not a multiple of {8 * config.patch_size}")
+        labels = torch.tensor([1] * images + [1000] * images, device=device)
+        return (randn(batch, config.in_channels, latent, latent), torch.full((batch,), 500, device=device),
+                labels), {}
     text = randn(batch, TEXT_TOKENS[type(denoiser).__name__],
                  config.cross_attention_dim if is_unet(denoiser) else config.caption_channels)
     if is_unet(denoiser):
@@ -205,7 +208,7 @@ def make_variant(method: str, ratio: float | None, denoiser: nn.Module, latent: 
     except ValueError as err:  # e.g. a ratio out of the method's range
         return Variant(method, ratio, status="invalid", note=str(err).splitlines()[0])
     try:
-        apply(denoiser, config)  # raises ValueError for a denoiser without an adapter (PixArt, for now)
+        apply(denoiser, config)  # raises ValueError for a denoiser without an adapter or a config it rejects
     except ValueError as err:
         return Variant(method, ratio, status="unsupported", note=str(err).split(". ")[0])
     finally:

@@ -78,6 +78,7 @@ class BlockPatch:
             level=self.target.level,
             num_levels=state.adapter.num_levels,
             cache=state.cache,
+            cond_first=state.adapter.cond_first,
         )
         with torch.no_grad():
             self.plan = state.config.make_plan(x.detach(), ctx)

@@ -98,19 +98,21 @@ class PatchState:
         self.prune_phase = self.clock.progress < getattr(self.config, "prune_steps", 0.0)
         self._pooled.clear()
         signal = getattr(self.config, "importance", None)
-        if isinstance(signal, str) and not self.cfg_pairs:
+        if isinstance(signal, str) and signal == "cfg" and not self.cfg_pairs:
             raise ValueError(
                 "tokenmerge: ImportanceMerge(importance='cfg') needs classifier-free guidance (a batch "
-                f"[uncond; cond]), but this call has batch size {sample.shape[0]} without it. Run with "
-                "guidance_scale > 1, or give the importance yourself: ImportanceMerge(importance=<map tensor "
-                "or callable>)."
+                f"[uncond; cond]), but this call has batch size {sample.shape[0]} without it (guidance off, or a "
+                "guidance-distilled model such as LCM). Use ImportanceMerge(importance='crossattn') for the "
+                "cross-attention map of the final block, run with guidance_scale > 1, or give the importance "
+                "yourself: ImportanceMerge(importance=<map tensor or callable>)."
             )
         if isinstance(signal, torch.Tensor) or callable(signal):
             given = signal(self.clock.step) if callable(signal) else signal
             self.importance = given.to(sample.device, torch.float32).reshape(-1, *given.shape[-2:])
 
     def end_call(self, output: object) -> None:
-        if not isinstance(getattr(self.config, "importance", None), str):
+        signal = getattr(self.config, "importance", None)
+        if not (isinstance(signal, str) and signal == "cfg"):
             return
         with torch.no_grad():
             eps = self.adapter.prediction(output)[:, self.adapter.importance_channels]

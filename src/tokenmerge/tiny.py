@@ -1,8 +1,10 @@
-"""Tiny random-weight Stable Diffusion models built from configs, for tests and offline demos.
+"""Tiny random-weight diffusion models built from configs, for tests and offline demos.
 
 They have the architectures of SD 1.x (conv projections, 8 heads), SD 2.x (linear projections,
 per-level head dims) and SDXL (no attention at the top level, two text encoders, added conditions),
 with few channels, so they run in seconds on a CPU. Their images are noise: the weights are random.
+Beyond the SD U-Net: an LCM U-Net (guidance embedding), PixArt-alpha and DiT transformers, an AnimateDiff
+``UNetMotionModel``, and a Zero123++-like reference-attention U-Net (:class:`ReferenceUNet`).
 
     python -m tokenmerge.tiny OUT_DIR [--kind sd1|sd2|sdxl]
 """
@@ -62,6 +64,111 @@ def tiny_unet(kind: str = "sd1", seed: int = 0):
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(**unet_config(kind)).eval()
+
+
+#: A PixArt-alpha transformer (``ada_norm_single``, T5-width captions, learned sigma) with few channels.
+PIXART_CONFIG = dict(
+    num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=4, cross_attention_dim=16,
+    attention_bias=True, sample_size=16, patch_size=2, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+    norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=32,
+)
+#: A DiT (``ada_norm_zero``, class-conditional, learned sigma) with few channels.
+DIT_CONFIG = dict(
+    num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=4, sample_size=16,
+    patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=16,
+)
+#: An AnimateDiff ``UNetMotionModel``: attention and motion modules at levels 0 and 1.
+MOTION_CONFIG = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=16, block_out_channels=(32, 64, 64),
+    down_block_types=("CrossAttnDownBlockMotion", "CrossAttnDownBlockMotion", "DownBlockMotion"),
+    up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion", "CrossAttnUpBlockMotion"),
+    cross_attention_dim=32, num_attention_heads=2, motion_num_attention_heads=2, motion_max_seq_length=16,
+)
+
+
+def tiny_lcm_unet(seed: int = 0):
+    """An SD 1.x U-Net with LCM's guidance embedding (``time_cond_proj_dim``): the ``"lcm"`` family."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**unet_config("sd1"), time_cond_proj_dim=16).eval()
+
+
+def tiny_pixart(seed: int = 0):
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(**PIXART_CONFIG).eval()
+
+
+def tiny_dit(seed: int = 0):
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(**DIT_CONFIG).eval()
+
+
+def tiny_motion_unet(seed: int = 0):
+    from diffusers import UNetMotionModel
+
+    torch.manual_seed(seed)
+    return UNetMotionModel(**MOTION_CONFIG).eval()
+
+
+class ReferenceAttnProcessor:
+    """Zero123++'s reference attention, written from its description (App. B): in ``mode="w"`` a self-attention
+    stores its input under its name; in ``mode="r"`` it appends the stored reference tokens to its keys and values.
+    Other calls (cross-attention, no mode) are plain attention."""
+
+    def __init__(self, name: str) -> None:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.name = name
+        self.inner = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, mode=None,
+                 ref_dict=None, **kwargs):
+        if encoder_hidden_states is None and mode is not None:
+            context = hidden_states
+            if mode == "w":
+                ref_dict[self.name] = hidden_states
+            elif mode == "r":
+                reference = ref_dict.pop(self.name)
+                context = torch.cat([hidden_states, reference.expand(hidden_states.shape[0], -1, -1)], dim=1)
+            return self.inner(attn, hidden_states, context, attention_mask)
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask)
+
+
+class ReferenceUNet(torch.nn.Module):
+    """A Zero123++-like denoiser: an SD 2 U-Net as ``.unet``; each call runs the reference latent first
+    (``mode="w"``), then the tiled views (``mode="r"``), as Zero123++'s ``RefOnlyNoisedUNet`` does."""
+
+    def __init__(self, unet) -> None:
+        super().__init__()
+        self.unet = unet
+        unet.set_attn_processor({name: ReferenceAttnProcessor(name) for name in unet.attn_processors})
+
+    def forward(self, sample, timestep, encoder_hidden_states, cross_attention_kwargs=None, return_dict=True):
+        reference = cross_attention_kwargs["cond_lat"]
+        ref_dict: dict = {}
+        self.unet(reference, timestep, encoder_hidden_states[-reference.shape[0]:],
+                  cross_attention_kwargs={"mode": "w", "ref_dict": ref_dict})
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=return_dict,
+                         cross_attention_kwargs={"mode": "r", "ref_dict": ref_dict})
+
+
+def tiny_zero123pp(seed: int = 0) -> ReferenceUNet:
+    """A Zero123++-like reference-attention U-Net (SD 2 layout, 4 levels, attention in the first three)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=16,
+        block_out_channels=(32, 32, 64, 64), attention_head_dim=(2, 2, 4, 4), use_linear_projection=True,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=32,
+    )
+    return ReferenceUNet(unet).eval()
 
 
 def _char_tokenizer(max_length: int = 77):

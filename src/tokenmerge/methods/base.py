@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ class PlanContext:
         level: the block's U-Net level (0 = full latent resolution).
         num_levels: how many levels the U-Net has (``level == num_levels - 1`` is the bottleneck).
         cache: a dict the method may keep things in across steps; emptied at every new pipeline run.
+        cond_first: True when a CFG batch is ``[cond; uncond]`` (DiT's pipeline) instead of ``[uncond; cond]``.
     """
 
     grid: tuple[int, int]
@@ -37,20 +39,66 @@ class PlanContext:
     level: int = 0
     num_levels: int = 1
     cache: dict = field(default_factory=dict)
+    cond_first: bool = False
+
+    def conditional(self, x: torch.Tensor) -> torch.Tensor:
+        """The conditional half of a CFG batch (the whole batch without CFG)."""
+        if not self.cfg_pairs:
+            return x
+        half = x.shape[0] // 2
+        return x[:half] if self.cond_first else x[half:]
 
 
+#: Largest temporal ratio: frames are matched in pairs (one destination per two frames).
+MAX_TEMPORAL_RATIO = 0.5
+
+
+@dataclass(frozen=True)
 class MethodConfig:
-    """Mixin for method configs: placement fields and the ``make_plan`` contract."""
+    """Base of the method configs: the ``make_plan`` contract and the fields every method shares.
 
-    ratio: float
-    max_downsample: int
-    merge_attn: bool
-    merge_crossattn: bool
-    merge_mlp: bool
-    seed: int | None
+    Each method declares ``ratio``, ``max_downsample``, ``merge_attn``, ``merge_crossattn``, ``merge_mlp`` and
+    ``seed``. The keyword-only fields below place merging in model families other than the SD U-Net:
+
+    Args:
+        layers: for transformer denoisers (PixArt, DiT): the ``(start, end)`` fraction of the blocks patched,
+            block ``i`` of ``L`` when ``start * L <= i < end * L``; ``(0.25, 0.75)`` is PixArt's 7-20 of 28.
+            None: the model family's preset (every block for a transformer with no preset). Raises on U-Nets,
+            where ``max_downsample`` places merging.
+        temporal_ratio: for video U-Nets (AnimateDiff): fraction of the frames merged in the temporal
+            (motion-module) attention, in ``[0, 0.5]``; 0 (default) leaves them alone, as merging in time
+            reduces motion. Raises on models without temporal layers.
+
+    Fields left out of the constructor take the model family's preset when applied (``tokenmerge.presets``);
+    fields passed explicitly are never overridden.
+    """
+
+    layers: tuple[float, float] | None = field(default=None, kw_only=True)
+    temporal_ratio: float = field(default=0.0, kw_only=True)
 
     #: Whether the method needs the per-token importance signal (so the denoiser hook computes it).
     uses_importance = False
+
+    def __new__(cls, *args, **kwargs):
+        # Record which fields the caller set, so that a model family's preset fills only the others.
+        self = super().__new__(cls)
+        positional = [f.name for f in dataclasses.fields(cls) if f.init and not f.kw_only][: len(args)]
+        object.__setattr__(self, "_explicit", frozenset(positional) | frozenset(kwargs))
+        return self
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.__repr__ = MethodConfig.__repr__  # in the class's own dict: @dataclass keeps it
+
+    def __repr__(self) -> str:
+        # The method's own fields first; the shared keyword-only ones only where they are not the default.
+        parts = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr and (
+            not f.kw_only or getattr(self, f.name) != f.default)]
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def explicit_fields(self) -> frozenset[str]:
+        """The fields given to the constructor (``dataclasses.replace`` gives every field)."""
+        return getattr(self, "_explicit", frozenset(f.name for f in dataclasses.fields(self)))
 
     def make_plan(self, x: torch.Tensor, ctx: PlanContext) -> MergePlan | None:  # pragma: no cover
         raise NotImplementedError
@@ -67,6 +115,8 @@ class MethodConfig:
             )
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"{type(self).__name__}.seed must be an int or None, got {self.seed!r}")
+        _validate_layers(self)
+        check_range(self, "temporal_ratio", self.temporal_ratio, 0.0, MAX_TEMPORAL_RATIO)
         if not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
             raise ValueError(
                 f"{type(self).__name__}: merge_attn, merge_crossattn and merge_mlp are all False, so nothing "
@@ -76,6 +126,22 @@ class MethodConfig:
     def max_downsample_levels(self) -> int:
         """How many attention levels, from the highest resolution down, are patched."""
         return int(math.log2(self.max_downsample)) + 1
+
+
+def _validate_layers(config: MethodConfig) -> None:
+    layers = config.layers
+    if isinstance(layers, list):
+        layers = tuple(layers)
+        object.__setattr__(config, "layers", layers)
+    if layers is None:
+        return
+    ok = isinstance(layers, tuple) and len(layers) == 2 and all(
+        not isinstance(v, bool) and isinstance(v, (int, float)) for v in layers)
+    if not ok or not 0.0 <= layers[0] < layers[1] <= 1.0:
+        raise ValueError(
+            f"{type(config).__name__}.layers must be None or a (start, end) fraction of the transformer blocks "
+            f"with 0 <= start < end <= 1, e.g. (0.25, 0.75) for the middle half; got {config.layers!r}"
+        )
 
 
 def check_range(config: object, name: str, value: float, low: float, high: float) -> None:

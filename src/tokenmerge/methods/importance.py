@@ -13,6 +13,10 @@ Appendix B: during the first ``prune_steps`` of the run the destinations are one
 When no importance is known yet (the first step) or the pool holds every token, the destinations are
 also drawn per 2x2 cell: the method is then ToMeSD, as the paper states for low ratios.
 Both halves of a classifier-free-guidance pair share one plan, matched on the conditional half.
+
+Without CFG (LCM and other guidance-distilled models, or ``guidance_scale <= 1``) ``importance="crossattn"``
+takes the cross-attention map of the denoiser's final transformer block instead (Appendix A, Table 11; the
+ablation's "averaged attention map from the final model block"): see :mod:`tokenmerge.signals`.
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..plan import MergePlan, cell_destinations, complement, gather_tokens, nearest_destination, plan_from_matching
+from ..plan import MergePlan, cell_destinations, complement, plan_from_matching
 from .base import MethodConfig, PlanContext, check_range
+from .matching import check_match, nearest
 
 DST_SELECTIONS = ("random", "topk")
 INDEPENDENT_FROM = ("pool", "all")
+#: Importance signals computed by tokenmerge: CFG magnitude, or the final block's cross-attention map.
+SIGNALS = ("cfg", "crossattn")
 
 
 @dataclass(frozen=True)
@@ -40,11 +47,15 @@ class ImportanceMerge(MethodConfig):
             0.8 video in the paper).
         dst: ``k``: fraction of tokens that are destinations (0.25, as ToMeSD's 2x2 cells).
         prune_steps: fraction of the first denoising steps that prune instead of merge (paper: 6 of 50).
-        importance: ``"cfg"`` for ``|eps_cond - eps_uncond|`` of the previous step (channel mean), or a
-            user map: a tensor ``(H, W)`` / ``(B, H, W)`` at any resolution, or a callable
-            ``step -> tensor`` evaluated at every denoiser call.
+        importance: ``"cfg"`` for ``|eps_cond - eps_uncond|`` of the previous step (channel mean; needs
+            classifier-free guidance), ``"crossattn"`` for the previous step's cross-attention map of the
+            denoiser's final transformer block (works without guidance: LCM), or a user map: a tensor
+            ``(H, W)`` / ``(B, H, W)`` at any resolution, or a callable ``step -> tensor`` evaluated at every
+            denoiser call.
         dst_selection: ``"random"`` (the paper) or ``"topk"`` (the paper's ablation: the most important).
         independent_from: ``"pool"`` (the paper) or ``"all"`` (the ablation "global ind.").
+        match: ``"features"`` (cosine similarity, the paper on SD) or ``"grid"`` (nearest on the token grid,
+            the paper on PixArt, Appendix B; the PixArt preset's default).
         max_downsample: patch attention levels up to this downsampling (1, 2, 4 or 8), counted from the
             highest-resolution level that has attention; 1 = that level only (the paper's placement).
         merge_attn: merge around self-attention (``attn1``).
@@ -61,6 +72,7 @@ class ImportanceMerge(MethodConfig):
     importance: str | torch.Tensor | Callable[[int], torch.Tensor] = "cfg"
     dst_selection: str = "random"
     independent_from: str = "pool"
+    match: str = "features"
     max_downsample: int = 1
     merge_attn: bool = True
     merge_crossattn: bool = False
@@ -79,12 +91,13 @@ class ImportanceMerge(MethodConfig):
             raise ValueError(
                 f"ImportanceMerge.independent_from must be one of {INDEPENDENT_FROM}, got {self.independent_from!r}"
             )
+        check_match(self)
         imp = self.importance
         is_map = isinstance(imp, torch.Tensor) and imp.ndim in (2, 3)
-        if not (is_map or callable(imp) or (isinstance(imp, str) and imp == "cfg")):
+        if not (is_map or callable(imp) or (isinstance(imp, str) and imp in SIGNALS)):
             raise ValueError(
-                "ImportanceMerge.importance must be 'cfg', a tensor (H, W) or (B, H, W), or a callable "
-                f"step -> tensor; got {imp!r}"
+                "ImportanceMerge.importance must be 'cfg', 'crossattn', a tensor (H, W) or (B, H, W), or a "
+                f"callable step -> tensor; got {imp!r}"
             )
         self._validate_common()
 
@@ -106,7 +119,7 @@ class ImportanceMerge(MethodConfig):
         if num_kept == num_tokens or height < 2 or width < 2:
             return None
         # One plan per CFG pair, matched on the conditional half [uncond; cond].
-        features = x[batch // 2 :] if ctx.cfg_pairs else x
+        features = ctx.conditional(x)
         groups = features.shape[0]
         pool_size = self.pool_size(num_tokens)
         whole_pool = ctx.importance is None or pool_size >= num_tokens
@@ -121,13 +134,13 @@ class ImportanceMerge(MethodConfig):
             dst = pool.gather(1, draw.to(x.device).topk(self.num_destinations(num_tokens), dim=1).indices)
 
         src = complement(dst, num_tokens)
-        similarity, nearest = nearest_destination(gather_tokens(features, src), gather_tokens(features, dst))
+        similarity, closest = nearest(features, src, dst, ctx.grid, self.match)
         if pool is not None and self.independent_from == "pool":
             in_pool = torch.zeros(groups, num_tokens, dtype=torch.bool, device=x.device).scatter_(1, pool, True)
             similarity = similarity.masked_fill(~in_pool.gather(1, src), math.inf)
         independent = similarity.topk(num_kept - dst.shape[1], dim=1, largest=False).indices
 
-        parts = (dst, independent, src, nearest)
+        parts = (dst, independent, src, closest)
         if ctx.cfg_pairs:
             parts = tuple(torch.cat([t, t]) for t in parts)
         return plan_from_matching(*parts, num_tokens, prune=ctx.prune_phase)

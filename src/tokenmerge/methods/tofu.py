@@ -113,6 +113,7 @@ class ToFu(MethodConfig):
         sy: vertical stride of the destination cells.
         use_rand: draw each cell's destination at random (True) or use its top-left token. As in
             tomesd, odd batch sizes (no CFG pair) always use the top-left token.
+        match: ``"features"`` (cosine similarity) or ``"grid"`` (nearest destination on the token grid).
         merge_attn: reduce around self-attention (``attn1``).
         merge_crossattn: reduce the queries of cross-attention (``attn2``).
         merge_mlp: reduce around the feed-forward (``ff``).
@@ -127,6 +128,7 @@ class ToFu(MethodConfig):
     sx: int = 2
     sy: int = 2
     use_rand: bool = True
+    match: str = "features"
     merge_attn: bool = True
     merge_crossattn: bool = False
     merge_mlp: bool = False
@@ -151,7 +153,7 @@ class ToFu(MethodConfig):
         return stage == "down_blocks" or (stage == "mid_block" and self.prune_blocks == "down_mid")
 
     def make_plan(self, x: torch.Tensor, ctx: PlanContext) -> MergePlan | None:
-        matching = cell_matching(x, ctx, self.ratio, self.sx, self.sy, self.use_rand)
+        matching = cell_matching(x, ctx, self.ratio, self.sx, self.sy, self.use_rand, self.match)
         if matching is None:
             return None
         prune = self.prunes(ctx.block)

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..plan import MergePlan, cell_destinations, complement, gather_tokens, nearest_destination, plan_from_matching
+from ..plan import MergePlan, cell_destinations, complement, plan_from_matching
 from .base import MethodConfig, PlanContext
+from .matching import check_match, nearest
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class ToMe(MethodConfig):
         sy: vertical stride of the destination cells.
         use_rand: draw each cell's destination at random (True) or use its top-left token. As in
             tomesd, odd batch sizes (no CFG pair) always use the top-left token.
+        match: ``"features"`` (cosine similarity, tomesd) or ``"grid"`` (nearest destination on the token
+            grid; the importance paper's setting on PixArt, which the PixArt preset uses).
         merge_attn: merge around self-attention (``attn1``).
         merge_crossattn: merge the queries of cross-attention (``attn2``).
         merge_mlp: merge around the feed-forward (``ff``).
@@ -46,6 +49,7 @@ class ToMe(MethodConfig):
     sx: int = 2
     sy: int = 2
     use_rand: bool = True
+    match: str = "features"
     merge_attn: bool = True
     merge_crossattn: bool = False
     merge_mlp: bool = False
@@ -59,7 +63,7 @@ class ToMe(MethodConfig):
         return 1.0 - 1.0 / (self.sx * self.sy)
 
     def make_plan(self, x: torch.Tensor, ctx: PlanContext) -> MergePlan | None:
-        matching = cell_matching(x, ctx, self.ratio, self.sx, self.sy, self.use_rand)
+        matching = cell_matching(x, ctx, self.ratio, self.sx, self.sy, self.use_rand, self.match)
         return None if matching is None else plan_from_matching(*matching, x.shape[1])
 
 
@@ -72,14 +76,17 @@ def validate_cells(config: MethodConfig) -> None:
             raise ValueError(f"{name}.{field_name} must be an int in [1, 8], got {value!r}")
     if config.sx * config.sy == 1:
         raise ValueError(f"{name}: sx * sy must be at least 2 (a 1x1 cell leaves no token to merge); use sx=2, sy=2")
+    check_match(config)
     config._validate_common()
 
 
-def cell_matching(x: torch.Tensor, ctx: PlanContext, ratio: float, sx: int, sy: int, use_rand: bool):
+def cell_matching(x: torch.Tensor, ctx: PlanContext, ratio: float, sx: int, sy: int, use_rand: bool,
+                  match: str = "features"):
     """ToMeSD's bipartite matching: ``(dst, kept_src, src, nearest)`` for plan_from_matching, or None.
 
     One destination per ``sy x sx`` cell; the ``int(N * ratio)`` sources most similar to their best
-    destination are reduced, the others kept (``kept_src``, positions within ``src``).
+    destination are reduced, the others kept (``kept_src``, positions within ``src``). ``match="grid"``
+    matches by distance on the grid instead of cosine similarity.
     """
     batch, num_tokens, _ = x.shape
     height, width = ctx.grid
@@ -91,6 +98,6 @@ def cell_matching(x: torch.Tensor, ctx: PlanContext, ratio: float, sx: int, sy: 
     dst = cell_destinations(height, width, sy, sx, generator=ctx.generator if use_rand else None,
                             device=x.device).expand(batch, -1)
     src = complement(dst[:1], num_tokens).expand(batch, -1)
-    similarity, nearest = nearest_destination(gather_tokens(x, src), gather_tokens(x, dst))
+    similarity, closest = nearest(x, src, dst, ctx.grid, match)
     order = similarity.argsort(dim=-1, descending=True)
-    return dst, order[:, reduced:], src, nearest
+    return dst, order[:, reduced:], src, closest

@@ -1,22 +1,32 @@
 """Model adapters: one per denoiser family. An adapter knows which transformer blocks to patch,
-the token grid of each, and how to read the denoiser's inputs and output."""
+the token grid of each, how to read the denoiser's inputs and output, and its family's preset."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from .unet import UNetAdapter
+from .base import Adapter, PatchTarget
 
-ADAPTERS = (UNetAdapter,)
+__all__ = ["Adapter", "PatchTarget", "adapter_for", "adapters"]
 
 
-def adapter_for(denoiser: nn.Module) -> UNetAdapter:
+def adapters() -> tuple[type[Adapter], ...]:
+    """Every adapter, most specific first (imported here: the video and multi-view ones use the hooks module)."""
+    from .animatediff import AnimateDiffAdapter
+    from .transformer import DiTAdapter, PixArtAdapter
+    from .unet import UNetAdapter
+    from .zero123pp import Zero123PlusAdapter
+
+    return (UNetAdapter, AnimateDiffAdapter, Zero123PlusAdapter, PixArtAdapter, DiTAdapter)
+
+
+def adapter_for(denoiser: nn.Module) -> Adapter:
     """The adapter that handles ``denoiser``, or a ``ValueError`` listing what is supported."""
-    for adapter in ADAPTERS:
+    for adapter in adapters():
         if adapter.handles(denoiser):
             return adapter(denoiser)
-    supported = ", ".join(a.description for a in ADAPTERS)
+    supported = "; ".join(a.description for a in adapters())
     raise ValueError(
         f"tokenmerge does not support {type(denoiser).__name__}: supported denoisers are {supported}. "
-        "Pass a diffusers pipeline (e.g. StableDiffusionPipeline) or its .unet."
+        "Pass a diffusers pipeline (e.g. StableDiffusionPipeline) or its denoiser (pipe.unet / pipe.transformer)."
     )

@@ -1,0 +1,94 @@
+"""AnimateDiff: ``UNetMotionModel``, an SD U-Net with motion modules, on 5-D latents ``(B, C, F, H, W)``.
+
+Spatial blocks see the frames folded into the batch (row ``b * F + f``), so every method merges each frame on
+its own grid, exactly as on an image U-Net; with CFG the batch is ``[uncond frames; cond frames]`` and a frame
+shares its plan with its own unconditional twin. CFG importance is per frame: the prediction is folded the
+same way, so ``|eps_cond - eps_uncond|`` is a ``(B/2 * F, H, W)`` map, one per frame.
+
+Temporal merging (motion modules: the tokens of one latent pixel are its ``F`` frames) is off by default, as
+merging in time reduces motion (Sec. 4, Tab. 5 uses 0.2). ``temporal_ratio > 0`` merges frames in the
+temporal self-attentions (``attn1`` and ``attn2``) of the motion modules at the same levels as the spatial
+merging, with ToMe's matching along time: one destination per pair of consecutive frames (random within the
+pair), the ``int(F * temporal_ratio)`` frames most similar to their destination merged into it. The method's
+own rule (importance pool, pruning) is spatial only; the paper does not say how it merged in time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..hooks import BlockPatch, _first_tensor
+from ..methods.base import PlanContext
+from ..methods.tome import cell_matching
+from ..plan import plan_from_matching
+from .base import PatchTarget
+from .unet import UNetAdapter, unet_targets
+
+
+def _is_motion(name: str) -> bool:
+    return ".motion_modules." in name
+
+
+class AnimateDiffAdapter(UNetAdapter):
+    family = "animatediff"
+    description = "UNetMotionModel (AnimateDiff, 5-D video latents)"
+
+    def __init__(self, denoiser: nn.Module) -> None:
+        super().__init__(denoiser)
+        self.family = "animatediff"
+
+    @staticmethod
+    def handles(denoiser: nn.Module) -> bool:
+        from diffusers import UNetMotionModel
+
+        return isinstance(denoiser, UNetMotionModel)
+
+    def all_targets(self) -> list[PatchTarget]:
+        """The spatial ``BasicTransformerBlock``s (motion modules excluded)."""
+        return unet_targets(self.unet, keep=lambda name: not _is_motion(name))
+
+    def temporal_targets(self, config) -> list[PatchTarget]:
+        if config.temporal_ratio <= 0:
+            return []
+        levels = {t.level for t in self.targets(config)}
+        return [PatchTarget(t.name, t.block, t.level, temporal=True)
+                for t in unet_targets(self.unet, keep=_is_motion) if t.level in levels]
+
+    def check(self, config) -> None:
+        if config.layers is not None:
+            super().check(config)  # raises: layers is for transformers
+
+    def submodules(self, config, target: PatchTarget) -> list[nn.Module]:
+        if target.temporal:  # both attentions of a motion module are self-attention over the frames
+            return [m for m in (target.block.attn1, getattr(target.block, "attn2", None)) if m is not None]
+        return super().submodules(config, target)
+
+    def make_patch(self, state, target: PatchTarget):
+        return TemporalPatch(state, target) if target.temporal else BlockPatch(state, target)
+
+    def grid(self, latent_hw: tuple[int, int], target: PatchTarget, num_tokens: int) -> tuple[int, int]:
+        if target.temporal:
+            return num_tokens, 1  # the frames of one latent pixel, a column
+        return super().grid(latent_hw, target, num_tokens)
+
+    @staticmethod
+    def prediction(output: object) -> torch.Tensor:
+        """The noise ``(B, C, F, H, W)`` folded as the spatial blocks see it: ``(B * F, C, H, W)``."""
+        eps = output[0] if isinstance(output, (tuple, list)) else output.sample
+        batch, channels, frames, height, width = eps.shape
+        return eps.transpose(1, 2).reshape(batch * frames, channels, height, width)
+
+
+class TemporalPatch(BlockPatch):
+    """A motion-module block: ToMe's matching along the frames, at ``config.temporal_ratio``."""
+
+    def _make_plan(self, module, args, kwargs):
+        state = self.state
+        x = _first_tensor(args, kwargs)
+        ctx = PlanContext(grid=(x.shape[1], 1), generator=state.generator(x.device), step=state.clock.step,
+                          block=self.target.name, level=self.target.level, num_levels=state.adapter.num_levels,
+                          cache=state.cache)
+        with torch.no_grad():
+            matching = cell_matching(x.detach(), ctx, state.config.temporal_ratio, sx=1, sy=2, use_rand=True)
+        self.plan = None if matching is None else plan_from_matching(*matching, x.shape[1])

@@ -1,0 +1,101 @@
+"""Diffusion transformers: PixArt-alpha/Sigma (``PixArtTransformer2DModel``) and DiT (``DiTTransformer2DModel``).
+
+Both are a stack of ``BasicTransformerBlock``s on one ``H/p x W/p`` grid of patch tokens (patch size ``p``)
+with AdaLN conditioning: PixArt's ``ada_norm_single`` (timestep) plus text cross-attention, DiT's
+``ada_norm_zero`` (timestep and class label) and no cross-attention. The per-channel gates act the same on an
+unmerged output, so merging around ``attn1``/``attn2``/``ff`` is exact with respect to the block's arithmetic.
+
+Placement: ``layers=(start, end)`` patches block ``i`` of ``L`` when ``start * L <= i < end * L``; the
+PixArt and DiT presets use the middle half, ``(0.25, 0.75)`` (7-20 of PixArt's 28 blocks, Sec. 4.1).
+Both predict a learned variance next to the noise (``out_channels = 2 * in_channels``); CFG importance
+uses the noise channels only, pooled to the patch grid like every importance map.
+DiT's pipeline batches CFG as ``[cond; uncond]`` (class labels, then the null class 1000): ``cond_first``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import Adapter, PatchTarget, default_of
+
+
+class TransformerAdapter(Adapter):
+    """Shared by the DiT-style families: blocks by fraction of depth, patch grid, learned-sigma channels."""
+
+    family = "pixart"
+    class_name = ""
+
+    def __init__(self, denoiser: nn.Module) -> None:
+        super().__init__(denoiser)
+        self.patch_size = denoiser.config.patch_size
+        self.importance_channels = slice(0, denoiser.config.in_channels)
+
+    @classmethod
+    def handles(cls, denoiser: nn.Module) -> bool:
+        import diffusers
+
+        return isinstance(denoiser, getattr(diffusers, cls.class_name))
+
+    def all_targets(self) -> list[PatchTarget]:
+        return [PatchTarget(f"transformer_blocks.{i}", block, 0)
+                for i, block in enumerate(self.denoiser.transformer_blocks)]
+
+    def targets(self, config) -> list[PatchTarget]:
+        found = self.all_targets()
+        start, end = config.layers if config.layers is not None else (0.0, 1.0)
+        first, stop = block_range(start, end, len(found))
+        return found[first:stop]
+
+    def check(self, config) -> None:
+        name = type(config).__name__
+        if "max_downsample" in config.explicit_fields() and config.max_downsample != default_of(config, "max_downsample"):
+            raise ValueError(
+                f"tokenmerge: {name}.max_downsample counts U-Net levels, but {type(self.denoiser).__name__} is a "
+                "transformer on one grid: place merging with layers=(start, end) instead, e.g. layers=(0.25, 0.75)"
+            )
+        super().check(config)
+
+    def grid(self, latent_hw: tuple[int, int], target: PatchTarget, num_tokens: int) -> tuple[int, int]:
+        height, width = latent_hw[0] // self.patch_size, latent_hw[1] // self.patch_size
+        if height * width != num_tokens:
+            raise RuntimeError(
+                f"tokenmerge: block {target.name} got {num_tokens} tokens but a {latent_hw[0]}x{latent_hw[1]} latent "
+                f"in patches of {self.patch_size} gives a {height}x{width} grid"
+            )
+        return height, width
+
+
+def block_range(start: float, end: float, num_blocks: int) -> tuple[int, int]:
+    """``[first, stop)`` block indices for the fraction range ``[start, end)`` of ``num_blocks``."""
+    # The epsilon absorbs float error: 0.75 * 28 must give 21, not 22.
+    return math.ceil(start * num_blocks - 1e-9), math.ceil(end * num_blocks - 1e-9)
+
+
+class PixArtAdapter(TransformerAdapter):
+    family = "pixart"
+    class_name = "PixArtTransformer2DModel"
+    description = "PixArtTransformer2DModel (PixArt-alpha, PixArt-Sigma)"
+
+    @staticmethod
+    def read_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, object]:
+        """``forward(hidden_states, encoder_hidden_states, timestep, ...)``."""
+        sample = args[0] if args else kwargs["hidden_states"]
+        timestep = args[2] if len(args) > 2 else kwargs.get("timestep")
+        return sample, timestep
+
+
+class DiTAdapter(TransformerAdapter):
+    family = "dit"
+    class_name = "DiTTransformer2DModel"
+    description = "DiTTransformer2DModel (DiT, class-conditional)"
+    cond_first = True
+
+    @staticmethod
+    def read_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, object]:
+        """``forward(hidden_states, timestep, class_labels, ...)``."""
+        sample = args[0] if args else kwargs["hidden_states"]
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        return sample, timestep

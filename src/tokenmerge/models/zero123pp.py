@@ -1,0 +1,70 @@
+"""Zero123++ (multi-view): six 320x320 views tiled 3 x 2 in one 960x640 image, on an SD 2 U-Net wrapped with
+reference attention.
+
+The community pipeline's denoiser (``pipe.unet``) is a wrapper module (``RefOnlyNoisedUNet``) holding the real
+``UNet2DConditionModel`` as ``.unet``. Each step it runs the U-Net twice: first on the noised reference image
+with ``cross_attention_kwargs={"mode": "w", ...}``, where every self-attention stores its input (keys/values of
+the reference), then on the tiled views with ``mode="r"``, where every self-attention appends the stored
+reference tokens to its keys and values. This adapter:
+
+* patches the inner U-Net's blocks, and merges only in the views pass: the reference pass is left whole, so
+  the merged view queries attend to the full reference keys/values (the processor concatenates
+  ``[merged views; reference]``, the output has the merged length and is unmerged as usual);
+* treats the tiled latent as one grid (the views attend to each other in one self-attention, so matching
+  across views is the model's own grouping); the importance map is the tiled latent's.
+
+Preset (Sec. 4.1, App. B): the first two and last two blocks (``max_downsample=2``), ``pool=0.6``, pruning in
+the first 10 of 50 steps. Any wrapper with a ``.unet`` U-Net and the ``mode`` convention is handled the same way.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..hooks import BlockPatch
+from .base import PatchTarget
+from .unet import UNetAdapter
+
+#: The ``cross_attention_kwargs["mode"]`` of the reference pass (Zero123++'s convention).
+REFERENCE_MODE = "w"
+
+
+class Zero123PlusAdapter(UNetAdapter):
+    family = "zero123pp"
+    description = "a wrapper with a UNet2DConditionModel as .unet and reference attention (Zero123++)"
+
+    def __init__(self, denoiser: nn.Module) -> None:
+        super().__init__(denoiser.unet)
+        self.denoiser = denoiser
+        self.family = "zero123pp"
+        self.reference_pass = False
+
+    @staticmethod
+    def handles(denoiser: nn.Module) -> bool:
+        from diffusers import UNet2DConditionModel
+
+        return not isinstance(denoiser, UNet2DConditionModel) and isinstance(
+            getattr(denoiser, "unet", None), UNet2DConditionModel)
+
+    def install(self, state) -> None:
+        def before_unet(module, args, kwargs):
+            options = kwargs.get("cross_attention_kwargs") or (args[6] if len(args) > 6 else None) or {}
+            self.reference_pass = options.get("mode") == REFERENCE_MODE
+
+        state.handles.append(self.unet.register_forward_pre_hook(before_unet, with_kwargs=True))
+
+    def skips_call(self) -> bool:
+        return self.reference_pass
+
+    def make_patch(self, state, target: PatchTarget):
+        return ReferencePatch(state, target)
+
+
+class ReferencePatch(BlockPatch):
+    """A U-Net block that is left unmerged while the reference image runs through it."""
+
+    def _make_plan(self, module, args, kwargs):
+        if self.state.adapter.skips_call():
+            self.plan = None
+            return None
+        return super()._make_plan(module, args, kwargs)

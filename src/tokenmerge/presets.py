@@ -1,0 +1,65 @@
+"""Per-family defaults: the settings the importance paper (Sec. 4.1, Appendix B) used on each model family.
+
+``tokenmerge.apply(pipe, config)`` resolves the config against the preset of the denoiser's family: every field
+the caller did not pass takes the preset's value; a field passed explicitly is never overridden. ``"*"`` holds
+what applies to every method (placement), a method's class name what applies to that method only.
+
+>>> tokenmerge.presets.resolve(tokenmerge.ImportanceMerge(ratio=0.5), "animatediff")
+ImportanceMerge(ratio=0.5, pool=0.8, ..., prune_steps=0.1333...)
+
+=============  =========================================================================================
+family         preset (paper)
+=============  =========================================================================================
+sd             none: the method defaults are the paper's SD settings
+lcm            ImportanceMerge: ``importance="crossattn"`` (no CFG in a consistency model; App. A, Tab. 11)
+pixart         blocks 7-20 of 28 (``layers=(0.25, 0.75)``), self- and cross-attention merged;
+               ImportanceMerge and ToMe match by grid distance (App. B)
+dit            not in the paper: PixArt's placement (middle half, self-attention; DiT has no cross-attention)
+animatediff    ImportanceMerge: ``pool=0.8``, pruning in the first 4 of 30 steps; temporal merging off
+zero123pp      first two and last two U-Net blocks (``max_downsample=2``); ImportanceMerge: ``pool=0.6``,
+               pruning in the first 10 of 50 steps
+=============  =========================================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .methods.base import MethodConfig
+
+PRESETS: dict[str, dict[str, dict[str, object]]] = {
+    "sd": {},
+    "lcm": {"ImportanceMerge": {"importance": "crossattn"}},
+    "pixart": {
+        "*": {"layers": (0.25, 0.75), "merge_crossattn": True},
+        "ImportanceMerge": {"match": "grid"},
+        "ToMe": {"match": "grid"},
+    },
+    "dit": {"*": {"layers": (0.25, 0.75)}},
+    "animatediff": {"ImportanceMerge": {"pool": 0.8, "prune_steps": 4 / 30}},
+    "zero123pp": {"*": {"max_downsample": 2}, "ImportanceMerge": {"pool": 0.6, "prune_steps": 10 / 50}},
+}
+
+
+def preset(family: str, method: type[MethodConfig] | MethodConfig) -> dict[str, object]:
+    """The field values the family's preset gives ``method`` (a config class or instance)."""
+    if family not in PRESETS:
+        raise ValueError(f"unknown model family {family!r}; known families: {', '.join(PRESETS)}")
+    cls = method if isinstance(method, type) else type(method)
+    names = {f.name for f in dataclasses.fields(cls)}
+    table = PRESETS[family]
+    values = {**table.get("*", {}), **table.get(cls.__name__, {})}
+    return {name: value for name, value in values.items() if name in names}
+
+
+def resolve(config: MethodConfig, family: str) -> MethodConfig:
+    """``config`` with the fields the caller left out set from the family's preset (the same object if none)."""
+    explicit = config.explicit_fields()
+    changes = {name: value for name, value in preset(family, config).items()
+               if name not in explicit and getattr(config, name) != value}
+    if not changes:
+        return config
+    resolved = dataclasses.replace(config, **changes)
+    # The preset's fields stay "not set by the caller", so re-applying the resolved config resolves the same way.
+    object.__setattr__(resolved, "_explicit", explicit)
+    return resolved

@@ -1,0 +1,83 @@
+"""Importance from cross-attention: ``ImportanceMerge(importance="crossattn")``, for models without CFG.
+
+Consistency models (LCM) distill classifier-free guidance away, so ``|eps_cond - eps_uncond|`` does not exist;
+the paper then uses "the averaged attention map from the final model block" (Appendix A, Table 11; App. B).
+One forward pre-hook on the ``attn2`` of the denoiser's final transformer block with cross-attention recomputes
+``softmax(q k^T / sqrt(d))`` for that block only, over the text tokens (``N x T``, with ``T`` 77 for CLIP: small),
+averaged over heads; no other layer's attention is touched and no processor is replaced.
+
+A token's importance is the attention mass it puts on the text tokens after the first. The paper does not say
+how the map is reduced over the text tokens; their plain mean is the constant ``1/T`` (each row of the map sums
+to 1), so we leave out the first token, CLIP's start-of-text token, the attention sink that carries no prompt
+content: a token that attends to the prompt's words scores high. The map of step ``t`` steers step ``t + 1``,
+as the CFG map does; with CFG, the conditional half's map is used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Query rows per chunk of the ``N x T`` score matrix (bounds memory at high resolution).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def crossattn_map(attn, hidden_states: torch.Tensor, context: torch.Tensor,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, N)``: per query token, the head-averaged attention mass on the text tokens after the first.
+
+    ``attn`` is a diffusers ``Attention`` (its ``to_q``, ``to_k``, ``heads``, ``scale`` and optional q/k norms);
+    ``hidden_states (B, N, C)`` the queries' input, ``context (B, T, C')`` the text; ``mask`` an additive bias
+    ``(B, 1, T)`` or ``(B, T)`` (PixArt's padding mask) or a boolean keep-mask.
+    """
+    if getattr(attn, "norm_cross", None) is not None:
+        context = attn.norm_encoder_hidden_states(context)
+    batch, num_tokens, _ = hidden_states.shape
+    heads = attn.heads
+    key = attn.to_k(context)
+    text = key.shape[1]
+    key = key.view(batch, text, heads, -1).transpose(1, 2)  # (B, h, T, d)
+    if getattr(attn, "norm_k", None) is not None:
+        key = attn.norm_k(key)
+    bias = None
+    if mask is not None:
+        mask = mask.reshape(batch, -1)[:, -text:]
+        bias = mask.float() if mask.is_floating_point() else torch.zeros_like(mask, dtype=torch.float32).masked_fill(
+            ~mask.bool(), float("-inf"))
+        bias = bias[:, None, None, :]
+    rows = max(1, CHUNK_ELEMENTS // max(1, batch * heads * text))
+    out = []
+    for start in range(0, num_tokens, rows):
+        query = attn.to_q(hidden_states[:, start : start + rows])
+        query = query.view(batch, query.shape[1], heads, -1).transpose(1, 2)  # (B, h, n, d)
+        if getattr(attn, "norm_q", None) is not None:
+            query = attn.norm_q(query)
+        scores = (query.float() @ key.float().transpose(-1, -2)) * attn.scale
+        if bias is not None:
+            scores = scores + bias
+        probs = scores.softmax(dim=-1)
+        out.append(probs[..., 1:].sum(dim=-1).mean(dim=1))
+    return torch.cat(out, dim=1)
+
+
+def install_crossattn_importance(state, adapter) -> None:
+    """Hook the final cross-attention block so that each call leaves its map in ``state.importance``."""
+    target = adapter.importance_target()
+    attn = target.block.attn2
+
+    def before_attn2(module, args, kwargs):
+        if adapter.skips_call():
+            return
+        hidden = args[0] if args else kwargs["hidden_states"]
+        context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        if context is None:
+            return
+        grid = adapter.grid(state.latent_hw, target, hidden.shape[1])
+        with torch.no_grad():
+            scores = crossattn_map(module, hidden, context, kwargs.get("attention_mask"))
+        if state.cfg_pairs:
+            half = scores.shape[0] // 2
+            scores = scores[:half] if adapter.cond_first else scores[half:]
+        state.importance = scores.view(-1, *grid)
+
+    # Prepended: it sees attn2's input before a merge hook on the same module shortens it.
+    state.handles.append(attn.register_forward_pre_hook(before_attn2, with_kwargs=True, prepend=True))

@@ -1,0 +1,31 @@
+"""Inputs and probes shared by the model-family tests."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from tokenmerge import ImportanceMerge, ReToM, SiTo, ToFu, ToMe
+
+#: One config of every method, seeded, at a ratio each accepts.
+EVERY_METHOD = [ToMe(ratio=0.5, seed=0), ImportanceMerge(ratio=0.5, seed=0), ToFu(ratio=0.5, seed=0),
+                SiTo(ratio=0.5, seed=0), ReToM(ratio=0.5, seed=0)]
+METHOD_IDS = ["tome", "importance", "tofu", "sito", "retom"]
+
+
+class CountingProcessor(AttnProcessor2_0):
+    """Records the query and key/value token counts of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        self.calls.append((hidden_states.shape[1], context.shape[1]))
+        return super().__call__(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+
+
+def no_hooks_left(model: torch.nn.Module) -> bool:
+    return not hasattr(model, "_tokenmerge") and all(
+        not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
