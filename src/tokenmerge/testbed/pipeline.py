@@ -63,7 +63,7 @@ def build_models(width: int = 64, seed: int = 0):
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=width, attention_head_dim=4, norm_num_groups=16,
     )
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True,
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False,
                               set_alpha_to_one=True, prediction_type="epsilon")
     return unet, text_encoder, tokenizer, scheduler
 

@@ -26,14 +26,22 @@ from .pipeline import IMAGE_SIZE, MAX_TOKENS, TestbedPipeline, build_models
 
 def train(out: Path, steps: int, batch: int = 64, lr: float = 3e-4, width: int = 64, samples: int = 40000,
           dropout: float = 0.1, ema_decay: float = 0.999, seed: int = 0, device: str = "cpu",
-          minutes: float | None = None, workers: int = 1, checkpoint_every: int | None = None) -> TestbedPipeline:
-    """Train and save the EMA pipeline to ``out``; returns it. Stops after ``steps`` or ``minutes``."""
+          minutes: float | None = None, workers: int = 1, checkpoint_every: int | None = None,
+          init: Path | None = None) -> TestbedPipeline:
+    """Train and save the EMA pipeline to ``out``; returns it. Stops after ``steps`` or ``minutes``.
+
+    ``init``: a saved testbed pipeline to continue from (its weights start both the model and the EMA).
+    """
     torch.manual_seed(seed)
     on_gpu = torch.device(device).type == "cuda"
     if on_gpu:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     unet, text_encoder, tokenizer, scheduler = build_models(width, seed)
+    if init is not None:
+        start_from = TestbedPipeline.from_pretrained(init, use_safetensors=True)
+        unet.load_state_dict(start_from.unet.float().state_dict())
+        text_encoder.load_state_dict(start_from.text_encoder.float().state_dict())
     unet.to(device).train()
     text_encoder.to(device).train()
     images, scenes = make_batch("train", samples, IMAGE_SIZE, workers=workers)
@@ -108,11 +116,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=None, help="stop at this time budget")
     parser.add_argument("--workers", type=int, default=1, help="processes rendering the training images")
     parser.add_argument("--checkpoint-every", type=int, default=None, help="save the EMA pipeline every N steps")
+    parser.add_argument("--init", type=Path, default=None, help="continue from this saved testbed pipeline")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     train(args.out, args.steps, args.batch, args.lr, args.width, args.samples, ema_decay=args.ema_decay,
           seed=args.seed, device=args.device, minutes=args.minutes, workers=args.workers,
-          checkpoint_every=args.checkpoint_every)
+          checkpoint_every=args.checkpoint_every, init=args.init)
 
 
 if __name__ == "__main__":
