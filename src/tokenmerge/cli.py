@@ -126,9 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--map-steps", type=step_list,
                           help="0-based steps to draw maps at, e.g. 1,5,10 (default: first, 25%%, 50%%, last)")
     generate.set_defaults(handler=run_generate, usage_error=generate.error)
-    # eval and bench add their own subcommands; imported here because they import helpers from this module.
-    from . import bench, evaluate
+    # demo, eval and bench add their own subcommands; imported here because they import helpers from this module.
+    from . import bench, demo, evaluate
 
+    demo.register(commands)
     evaluate.register(commands)
     bench.register(commands)
     return parser
