@@ -118,3 +118,16 @@ def test_defaults_follow_the_device():
         "cpu", torch.float32, ("sd15",), (0.5,), 3)
     assert bench.sizes_for("sd15", args) == (512,) and bench.sizes_for("sdxl", args) == (1024,)
     assert bench.GPU_DEFAULTS["ratios"] == (0.3, 0.5, 0.7, 0.75)
+
+
+def test_share_plan_modes_are_variants_with_their_plan_time(tmp_path):
+    rows = run_bench(tmp_path, "--models", "sd15", "--methods", "tomesd,tome,retom", "--share-plan", "block,level")
+    methods = by_method(rows, "sd15")
+    assert list(methods) == ["unpatched", "tomesd", "tome", "tome+level", "retom", "retom+level"]
+    # One matching per level instead of one per block: fewer similarity FLOPs, same attention FLOPs.
+    assert float(methods["tome+level"]["gflops"]) < float(methods["tome"]["gflops"])
+    for name in ("tome", "tome+level"):
+        assert 0 < float(methods[name]["plan_s"]) and 0 < float(methods[name]["plan_share"])
+    assert methods["unpatched"]["plan_s"] == methods["tomesd"]["plan_s"] == ""  # not tokenmerge: no plan timer
+    assert methods["retom+level"]["status"] == "invalid" and "share_plan" in methods["retom+level"]["note"]
+    assert "--share-plan block,level" in (tmp_path / "bench.md").read_text()

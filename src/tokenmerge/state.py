@@ -84,6 +84,7 @@ class PatchState:
         self.prune_phase = False
         self.importance: torch.Tensor | None = None  # (groups, H, W), from the previous step
         self.cache: dict = {}  # methods' own cross-step state (PlanContext.cache)
+        self.shared_plans: dict = {}  # share key -> (plan, context), for the current denoiser call
         self._generators: dict[torch.device, torch.Generator] = {}
         self._pooled: dict[tuple[int, int], torch.Tensor | None] = {}
 
@@ -97,6 +98,7 @@ class PatchState:
         self.cfg_pairs = self._is_cfg_batch(sample.shape[0])
         self.prune_phase = self.clock.progress < getattr(self.config, "prune_steps", 0.0)
         self._pooled.clear()
+        self.shared_plans.clear()
         signal = getattr(self.config, "importance", None)
         if isinstance(signal, str) and not self.cfg_pairs:
             raise ValueError(
@@ -110,6 +112,7 @@ class PatchState:
             self.importance = given.to(sample.device, torch.float32).reshape(-1, *given.shape[-2:])
 
     def end_call(self, output: object) -> None:
+        self.shared_plans.clear()  # plans hold index tensors: do not keep them alive between calls
         if not isinstance(getattr(self.config, "importance", None), str):
             return
         with torch.no_grad():
@@ -119,9 +122,13 @@ class PatchState:
 
     # -- called by the block hooks ---------------------------------------------------------------
     def generator(self, device: torch.device) -> torch.Generator:
-        """The patch's private generator on ``device``, seeded at the start of the run."""
+        """The patch's private generator on ``device``, seeded at the start of the run.
+
+        On the meta device (counting FLOPs without memory) it is a CPU generator: the methods draw on the
+        generator's device and move the draw to the tokens'.
+        """
         if device not in self._generators:
-            gen = torch.Generator(device=device)
+            gen = torch.Generator(device="cpu" if device.type == "meta" else device)
             if self.config.seed is not None:
                 gen.manual_seed(self.config.seed)
             elif device.type == "cuda":

@@ -52,6 +52,10 @@ class ImportanceMerge(MethodConfig):
         merge_mlp: merge around the feed-forward (``ff``).
         seed: seed of the private generator for random destinations; None forks the global RNG at each pipeline
             call (reproducible under ``torch.manual_seed``) without consuming it.
+        share_plan: ``"block"`` (default; the paper's): every patched block plans from its own input;
+            ``"level"``: one plan per U-Net level and denoiser call, built from the input of the level's first
+            block and reused by its other blocks (one similarity matching per level instead of per block;
+            outputs change).
     """
 
     ratio: float = 0.7
@@ -66,6 +70,7 @@ class ImportanceMerge(MethodConfig):
     merge_crossattn: bool = False
     merge_mlp: bool = False
     seed: int | None = None
+    share_plan: str = "block"
 
     uses_importance = True
 

@@ -134,6 +134,10 @@ class ReToM(MethodConfig):
         smallest = self.window if self.window is not None else min(*self.window_sizes, self.bottleneck_window)
         return 1.0 - 1.0 / (smallest * smallest)
 
+    @property
+    def uses_rng(self) -> bool:
+        return self.destination == "random"
+
     def window_size(self, level: int, num_levels: int) -> int:
         """The window side used at U-Net ``level`` of a U-Net with ``num_levels`` levels."""
         if self.window is not None:

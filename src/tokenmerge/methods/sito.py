@@ -117,6 +117,10 @@ class SiTo(MethodConfig):
         merge_mlp: prune around the feed-forward (``ff``); Table 2: costs FID, no speed.
         seed: seed of the private generator for the noise and random strategies; None forks the global RNG at each pipeline
             call (reproducible under ``torch.manual_seed``) without consuming it.
+        share_plan: ``"block"`` (default; the paper's): every patched block plans from its own input;
+            ``"level"``: one plan per U-Net level and denoiser call, built from the input of the level's first
+            block and reused by its other blocks (one similarity matching per level instead of per block;
+            outputs change).
     """
 
     ratio: float = 0.5
@@ -129,6 +133,7 @@ class SiTo(MethodConfig):
     merge_crossattn: bool = False
     merge_mlp: bool = False
     seed: int | None = None
+    share_plan: str = "block"
 
     def __post_init__(self) -> None:
         if isinstance(self.patch, bool) or not isinstance(self.patch, int) or not 2 <= self.patch <= 8:
@@ -152,6 +157,11 @@ class SiTo(MethodConfig):
 
     def max_ratio(self) -> float:
         return 1.0 - 1.0 / (self.patch * self.patch)
+
+    @property
+    def uses_rng(self) -> bool:
+        strategy = self.strategy
+        return strategy.startswith("random") or (strategy == "noisy_simscore_patch" and self.sigma > 0)
 
     def base_tokens(self, x: torch.Tensor, ctx: PlanContext) -> torch.Tensor:
         """``(B, D)`` base-token indices, ``D = (H // s) * (W // s)``, for the configured strategy."""

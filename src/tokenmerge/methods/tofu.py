@@ -118,6 +118,10 @@ class ToFu(MethodConfig):
         merge_mlp: reduce around the feed-forward (``ff``).
         seed: seed of the private generator for the random destinations; None forks the global RNG at each pipeline
             call (reproducible under ``torch.manual_seed``) without consuming it.
+        share_plan: ``"block"`` (default; ToMeSD's): every patched block plans from its own input;
+            ``"level"``: one plan per U-Net level and denoiser call, built from the input of the level's first
+            block and reused by its other blocks (one similarity matching per level instead of per block;
+            outputs change).
     """
 
     ratio: float = 0.5
@@ -131,6 +135,7 @@ class ToFu(MethodConfig):
     merge_crossattn: bool = False
     merge_mlp: bool = False
     seed: int | None = None
+    share_plan: str = "block"
 
     def __post_init__(self) -> None:
         if self.prune_blocks not in PRUNE_BLOCKS:
@@ -142,6 +147,15 @@ class ToFu(MethodConfig):
 
     def max_ratio(self) -> float:
         return 1.0 - 1.0 / (self.sx * self.sy)
+
+    @property
+    def uses_rng(self) -> bool:
+        return self.use_rand
+
+    def share_key(self, block: str, level: int) -> tuple | None:
+        # Blocks of one level that prune and blocks that merge cannot share a plan.
+        key = super().share_key(block, level)
+        return None if key is None else (*key, self.prunes(block))
 
     def prunes(self, block: str) -> bool:
         """Whether the block named ``block`` (a module path in the U-Net) prunes rather than merges."""

@@ -39,6 +39,10 @@ class ToMe(MethodConfig):
         merge_mlp: merge around the feed-forward (``ff``).
         seed: seed of the private generator for the random destinations; None forks the global RNG at each pipeline
             call (reproducible under ``torch.manual_seed``) without consuming it.
+        share_plan: ``"block"`` (default; tomesd's semantics): every patched block plans from its own input;
+            ``"level"``: one plan per U-Net level and denoiser call, built from the input of the level's first
+            block and reused by its other blocks (one similarity matching per level instead of per block;
+            outputs change).
     """
 
     ratio: float = 0.5
@@ -50,6 +54,7 @@ class ToMe(MethodConfig):
     merge_crossattn: bool = False
     merge_mlp: bool = False
     seed: int | None = None
+    share_plan: str = "block"
 
     def __post_init__(self) -> None:
         validate_cells(self)
@@ -57,6 +62,10 @@ class ToMe(MethodConfig):
 
     def max_ratio(self) -> float:
         return 1.0 - 1.0 / (self.sx * self.sy)
+
+    @property
+    def uses_rng(self) -> bool:
+        return self.use_rand
 
     def make_plan(self, x: torch.Tensor, ctx: PlanContext) -> MergePlan | None:
         matching = cell_matching(x, ctx, self.ratio, self.sx, self.sy, self.use_rand)
