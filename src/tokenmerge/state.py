@@ -46,8 +46,12 @@ class RunClock:
         self.step = -1
         self.progress = 0.0
 
-    def tick(self, timestep: object) -> bool:
-        """Advance by one denoiser call; True when it starts a new run."""
+    def tick(self, timestep: object, read_timestep: bool = True) -> bool:
+        """Advance by one denoiser call; True when it starts a new run.
+
+        ``read_timestep=False`` (the method does not depend on the run): a bare denoiser's calls are counted
+        without reading the timestep, so there is no device-to-host sync.
+        """
         pipeline = self._pipeline() if self._pipeline is not None else None
         scheduler = getattr(pipeline, "scheduler", None)
         timesteps = getattr(scheduler, "timesteps", None)
@@ -60,6 +64,9 @@ class RunClock:
             self.step = 0 if new_run else self.step + 1
             self.progress = self.step / self._total
             return new_run
+        if not read_timestep:
+            self.step += 1
+            return self.step == 0
         t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         new_run = self._last_t is None or t > self._last_t
         self._last_t = t
@@ -84,13 +91,17 @@ class PatchState:
         self.prune_phase = False
         self.importance: torch.Tensor | None = None  # (groups, H, W), from the previous step
         self.cache: dict = {}  # methods' own cross-step state (PlanContext.cache)
+        self.cfg_importance = isinstance(getattr(config, "importance", None), str)  # read from the CFG output
         self.shared_plans: dict = {}  # share key -> (plan, context), for the current denoiser call
         self._generators: dict[torch.device, torch.Generator] = {}
         self._pooled: dict[tuple[int, int], torch.Tensor | None] = {}
 
     # -- called by the denoiser hooks ------------------------------------------------------------
     def begin_call(self, sample: torch.Tensor, timestep: object) -> None:
-        if self.clock.tick(timestep):
+        uses_clock = self.config.uses_clock
+        # Compiled, a method that ignores the run skips the clock: its Python counters would be baked into the
+        # graph as constants and force a recompilation at every step.
+        if (uses_clock or not torch.compiler.is_compiling()) and self.clock.tick(timestep, uses_clock):
             self.importance = None
             self.cache.clear()
             self._generators.clear()
@@ -113,7 +124,7 @@ class PatchState:
 
     def end_call(self, output: object) -> None:
         self.shared_plans.clear()  # plans hold index tensors: do not keep them alive between calls
-        if not isinstance(getattr(self.config, "importance", None), str):
+        if not self.cfg_importance:
             return
         with torch.no_grad():
             eps = self.adapter.prediction(output)[:, self.adapter.importance_channels]

@@ -63,6 +63,15 @@ class MethodConfig:
         """Whether plans draw from the private generator (False: none is created)."""
         return True
 
+    @property
+    def uses_clock(self) -> bool:
+        """Whether plans depend on the run: its step or progress, or a reseeded generator at a new run.
+
+        When False, a bare denoiser's timestep is never read (no device-to-host sync), and a compiled
+        denoiser skips the clock entirely (no graph break, no per-step recompilation).
+        """
+        return True
+
     def share_key(self, block: str, level: int) -> tuple | None:
         """Key under which blocks share one plan per denoiser call, or None to plan per block.
 

@@ -97,6 +97,15 @@ class ImportanceMerge(MethodConfig):
         # I = M - D must not be negative; the 2x2-cell phases keep N/4 destinations.
         return min(1.0 - self.dst, 0.75)
 
+    @property
+    def uses_rng(self) -> bool:
+        # Only the most important tokens as destinations, from a map known at every step, draw nothing.
+        return not (self.dst_selection == "topk" and self.prune_steps == 0 and isinstance(self.importance, torch.Tensor))
+
+    @property
+    def uses_clock(self) -> bool:
+        return self.uses_rng or self.prune_steps > 0 or not isinstance(self.importance, torch.Tensor)
+
     def pool_size(self, num_tokens: int) -> int:
         kept = num_tokens - int(num_tokens * self.ratio)
         return min(num_tokens, max(kept, math.floor(kept * (1.0 + self.pool))))

@@ -163,6 +163,10 @@ class SiTo(MethodConfig):
         strategy = self.strategy
         return strategy.startswith("random") or (strategy == "noisy_simscore_patch" and self.sigma > 0)
 
+    @property
+    def uses_clock(self) -> bool:
+        return self.uses_rng  # a new run reseeds the generator; nothing else depends on the step
+
     def base_tokens(self, x: torch.Tensor, ctx: PlanContext) -> torch.Tensor:
         """``(B, D)`` base-token indices, ``D = (H // s) * (W // s)``, for the configured strategy."""
         batch, num_tokens, _ = x.shape

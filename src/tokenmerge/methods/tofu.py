@@ -152,6 +152,10 @@ class ToFu(MethodConfig):
     def uses_rng(self) -> bool:
         return self.use_rand
 
+    @property
+    def uses_clock(self) -> bool:
+        return self.uses_rng  # a new run reseeds the generator; nothing else depends on the step
+
     def share_key(self, block: str, level: int) -> tuple | None:
         # Blocks of one level that prune and blocks that merge cannot share a plan.
         key = super().share_key(block, level)

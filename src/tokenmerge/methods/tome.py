@@ -67,6 +67,10 @@ class ToMe(MethodConfig):
     def uses_rng(self) -> bool:
         return self.use_rand
 
+    @property
+    def uses_clock(self) -> bool:
+        return self.uses_rng  # a new run reseeds the generator; nothing else depends on the step
+
     def make_plan(self, x: torch.Tensor, ctx: PlanContext) -> MergePlan | None:
         matching = cell_matching(x, ctx, self.ratio, self.sx, self.sy, self.use_rand)
         return None if matching is None else plan_from_matching(*matching, x.shape[1])
