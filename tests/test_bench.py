@@ -131,3 +131,12 @@ def test_share_plan_modes_are_variants_with_their_plan_time(tmp_path):
     assert methods["unpatched"]["plan_s"] == methods["tomesd"]["plan_s"] == ""  # not tokenmerge: no plan timer
     assert methods["retom+level"]["status"] == "invalid" and "share_plan" in methods["retom+level"]["note"]
     assert "--share-plan block,level" in (tmp_path / "bench.md").read_text()
+
+
+def test_blocks_below_min_tokens_are_reported(tmp_path):
+    """64 px: SDXL's first attention level is 4x4 = 16 tokens, below the default floor of 64."""
+    rows = run_bench(tmp_path, "--models", "sd15,sdxl", "--sizes", "64", "--methods", "tome")
+    sd15, sdxl = by_method(rows, "sd15"), by_method(rows, "sdxl")
+    assert "min_tokens" not in sd15["tome"]["note"] and float(sd15["tome"]["flop_bound"]) > 1  # 8x8 = 64 tokens
+    assert "block(s) below min_tokens=64 not merged (16 tokens)" in sdxl["tome"]["note"]
+    assert "merges nothing" in sdxl["tome"]["note"]

@@ -6,9 +6,9 @@
 >>> tokenmerge.remove(pipe)
 """
 
-from .api import apply, current_config, patched, remove
+from .api import apply, current_config, patched, remove, skipped_blocks
 from .methods import ImportanceMerge, ReToM, SiTo, ToFu, ToMe
 from .state import PlanEvent
 
 __version__ = "0.1.0"
-__all__ = ["apply", "remove", "patched", "current_config", "ToMe", "ImportanceMerge", "ToFu", "SiTo", "ReToM", "PlanEvent", "__version__"]
+__all__ = ["apply", "remove", "patched", "current_config", "skipped_blocks", "ToMe", "ImportanceMerge", "ToFu", "SiTo", "ReToM", "PlanEvent", "__version__"]

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .api import apply, patched, remove
+from .api import apply, patched, remove, skipped_blocks
 from .cli import METHODS as CONFIGS
 from .cli import at_least, number_list
 from .methods import ImportanceMerge, ToMe
@@ -167,6 +167,7 @@ class Variant:
     flops: int | None = None
     config: object | None = None  # the tokenmerge config, None for unpatched and tomesd
     plan_seconds: float | None = None
+    skipped: dict[str, int] = field(default_factory=dict)  # blocks below config.min_tokens: name -> tokens
 
 
 @contextlib.contextmanager
@@ -246,7 +247,8 @@ def _sync(device: torch.device) -> None:
 
 
 def plan_seconds(variant: Variant, denoiser: nn.Module, step: Callable[[], object], device: torch.device) -> float:
-    """Seconds spent in the config's ``make_plan`` during one step (an extra, untimed run).
+    """Seconds spent in the config's ``make_plan`` during one step (an extra, untimed run); also records the
+    blocks that run left unmerged (``min_tokens``) in ``variant.skipped``.
 
     The method's class is wrapped for the run; on GPU every plan is bracketed by device syncs, so the figure
     includes their latency and is an upper bound of the plans' share of a step.
@@ -267,6 +269,7 @@ def plan_seconds(variant: Variant, denoiser: nn.Module, step: Callable[[], objec
     try:
         with variant.patch(denoiser):
             step()
+            variant.skipped = skipped_blocks(denoiser)
     finally:
         cls.make_plan = original
     return spent[0]
@@ -390,8 +393,13 @@ def table_rows(model: str, size: int, variants: list[Variant]) -> list[dict]:
             if v.plan_seconds is not None:
                 row.update(plan_s=v.plan_seconds, plan_share=v.plan_seconds / median)
             row["peak_mem_mib"] = v.peak_bytes / 2**20 if v.peak_bytes is not None else None
+            notes = [v.note]
+            if v.skipped:
+                notes.append(f"{len(v.skipped)} block(s) below min_tokens={v.config.min_tokens} not merged "
+                             f"({', '.join(sorted({str(n) for n in v.skipped.values()}))} tokens)")
             if v.method != UNPATCHED and v.flops == base.flops:
-                row["note"] = "; ".join(filter(None, [v.note, "merges nothing (FLOPs unchanged)"]))
+                notes.append("merges nothing (FLOPs unchanged)")
+            row["note"] = "; ".join(filter(None, notes))
         rows.append(row)
     return rows
 

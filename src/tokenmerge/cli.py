@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import viz
-from .api import apply, remove
+from .api import apply, remove, skipped_blocks
 from .methods import ImportanceMerge, ReToM, SiTo, ToFu, ToMe
 from .methods.base import MethodConfig
 
@@ -169,7 +169,11 @@ def run_generate(args: argparse.Namespace) -> None:
             raise SystemExit(f"tokenmerge: {err}") from err
     runs.append(timed_run(call, args.steps, device, args.out, args.method,
                           config.ratio if config else None))
+    skipped = skipped_blocks(pipe)
     remove(pipe)
+    if skipped:
+        print(f"tokenmerge: {len(skipped)} block(s) had fewer than min_tokens={config.min_tokens} tokens and were "
+              f"not merged: {', '.join(f'{name} ({n})' for name, n in skipped.items())}")
 
     written = [run.path for run in runs]
     if len(runs) > 1:
@@ -177,7 +181,7 @@ def run_generate(args: argparse.Namespace) -> None:
         viz.side_by_side([run.image for run in runs], [run.label for run in runs]).save(written[-1])
     if recorder.maps:
         written.append(viz.save_maps_figure(recorder.maps, args.out / f"maps_{args.method}.png"))
-    written.append(write_summary(args, config, runs, recorder))
+    written.append(write_summary(args, config, runs, recorder, skipped))
     print_report(runs, written)
 
 
@@ -256,7 +260,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def write_summary(args: argparse.Namespace, config: MethodConfig | None, runs: list[Run],
-                  recorder: viz.MapRecorder) -> Path:
+                  recorder: viz.MapRecorder, skipped: dict[str, int] | None = None) -> Path:
     """``summary.json``: the settings and, per run, method, ratio, seconds and image (relative to the folder)."""
     summary = {
         "model": args.model,
@@ -268,6 +272,7 @@ def write_summary(args: argparse.Namespace, config: MethodConfig | None, runs: l
         "config": repr(config),
         "map_block": recorder.block,
         "map_steps": sorted(recorder.maps),
+        "skipped_blocks": skipped or {},  # blocks below min_tokens, left unmerged: name -> tokens
         "runs": [
             {"method": run.method, "ratio": run.ratio, "seconds": run.seconds, "image": run.path.name}
             for run in runs

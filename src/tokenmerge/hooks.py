@@ -65,13 +65,20 @@ class BlockPatch:
     def _make_plan(self, module, args, kwargs):
         state = self.state
         config = state.config
+        x = _first_tensor(args, kwargs)
+        if x.shape[1] < config.min_tokens:  # too few tokens for merging to pay: computed as is, and reported
+            self.plan = None
+            state.skipped[self.target.name] = x.shape[1]
+            if state.on_plan is not None:
+                grid = state.adapter.grid(state.latent_hw, self.target, x.shape[1])
+                state.on_plan(PlanEvent(state.clock.step, self.target.name, grid, None, None, state.prune_phase))
+            return
         key = config.share_key(self.target.name, self.target.level)
         if key is not None and key in state.shared_plans:
             # share_plan="level": this level's first block already planned in this denoiser call.
             self.plan, ctx = state.shared_plans[key]
             self._report(ctx)
             return
-        x = _first_tensor(args, kwargs)
         grid = state.adapter.grid(state.latent_hw, self.target, x.shape[1])
         groups = x.shape[0] // 2 if state.cfg_pairs else x.shape[0]
         ctx = PlanContext(

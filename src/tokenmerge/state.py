@@ -93,6 +93,7 @@ class PatchState:
         self.cache: dict = {}  # methods' own cross-step state (PlanContext.cache)
         self.cfg_importance = isinstance(getattr(config, "importance", None), str)  # read from the CFG output
         self.shared_plans: dict = {}  # share key -> (plan, context), for the current denoiser call
+        self.skipped: dict[str, int] = {}  # blocks left unmerged (min_tokens) in the last call: name -> tokens
         self._generators: dict[torch.device, torch.Generator] = {}
         self._pooled: dict[tuple[int, int], torch.Tensor | None] = {}
 
@@ -110,6 +111,7 @@ class PatchState:
         self.prune_phase = self.clock.progress < getattr(self.config, "prune_steps", 0.0)
         self._pooled.clear()
         self.shared_plans.clear()
+        self.skipped.clear()
         signal = getattr(self.config, "importance", None)
         if isinstance(signal, str) and not self.cfg_pairs:
             raise ValueError(

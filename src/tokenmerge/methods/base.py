@@ -10,6 +10,9 @@ import torch
 from ..plan import MergePlan
 
 SHARE_PLAN = ("block", "level")
+#: Default ``min_tokens``: the smallest block (tokens) where merging its self-attention was measured to pay at
+#: every ratio (benchmarks/merge_floor.py, CPU; docs/benchmarks.md).
+MIN_TOKENS = 64
 
 
 @dataclass
@@ -56,7 +59,7 @@ class MethodConfig:
     uses_importance = False
     #: Default of the ``share_plan`` field where a method has one; methods without it plan per block.
     share_plan = "block"
-    min_tokens = 0
+    min_tokens: int
 
     @property
     def uses_rng(self) -> bool:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..plan import MergePlan, cell_destinations, complement, gather_tokens, nearest_destination, plan_from_matching
-from .base import MethodConfig, PlanContext
+from .base import MIN_TOKENS, MethodConfig, PlanContext
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,10 @@ class ToMe(MethodConfig):
             ``"level"``: one plan per U-Net level and denoiser call, built from the input of the level's first
             block and reused by its other blocks (one similarity matching per level instead of per block;
             outputs change).
+        min_tokens: blocks with fewer tokens than this are not merged (where merging cannot pay: below 64
+            tokens, merging one self-attention was measured slower than not merging on CPU; see
+            docs/benchmarks.md). Skipped blocks are listed by :func:`tokenmerge.skipped_blocks`. 0 merges
+            every block, as tomesd does.
     """
 
     ratio: float = 0.5
@@ -54,6 +58,7 @@ class ToMe(MethodConfig):
     merge_crossattn: bool = False
     merge_mlp: bool = False
     seed: int | None = None
+    min_tokens: int = MIN_TOKENS
     share_plan: str = "block"
 
     def __post_init__(self) -> None:
