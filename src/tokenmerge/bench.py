@@ -121,15 +121,17 @@ def is_unet(denoiser: nn.Module) -> bool:
     return type(denoiser).__name__ == "UNet2DConditionModel"
 
 
-def step_inputs(denoiser: nn.Module, size: int, images: int, device: torch.device, dtype: torch.dtype,
+def step_inputs(denoiser: nn.Module, size: int | tuple[int, int], images: int, device: torch.device, dtype: torch.dtype,
                 seed: int = 0) -> tuple[tuple, dict]:
-    """Arguments of one denoiser call on a CFG batch of ``2 * images`` at ``size`` pixels (latent = size / 8).
+    """Arguments of one denoiser call on a CFG batch of ``2 * images`` at ``size`` pixels (latent = size / 8);
+    ``size`` is one side of a square or ``(height, width)``.
 
     The latent goes first and positionally (tomesd reads ``args[0]``). The U-Net timestep is a CPU tensor:
     tokenmerge's step clock reads it without a device-to-host sync, and the U-Net copies it to the device
     first thing in its forward, when nothing but the start event is queued.
     """
-    config, latent, batch = denoiser.config, size // 8, 2 * images
+    height, width = (size, size) if isinstance(size, int) else size
+    config, latent, batch = denoiser.config, (height // 8, width // 8), 2 * images
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int) -> torch.Tensor:
@@ -141,15 +143,15 @@ def step_inputs(denoiser: nn.Module, size: int, images: int, device: torch.devic
         kwargs = {}
         if config.addition_embed_type == "text_time":  # SDXL: pooled text embedding and 6 size/crop ids
             pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-            time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=dtype, device=device)
+            time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=dtype, device=device)
             kwargs["added_cond_kwargs"] = {"text_embeds": randn(batch, pooled), "time_ids": time_ids.expand(batch, 6)}
-        return (randn(batch, config.in_channels, latent, latent), torch.tensor(500), text), kwargs
-    if latent % config.patch_size:
+        return (randn(batch, config.in_channels, *latent), torch.tensor(500), text), kwargs
+    if latent[0] % config.patch_size or latent[1] % config.patch_size:
         raise ValueError(f"{type(denoiser).__name__}: size {size} is not a multiple of {8 * config.patch_size}")
-    conditions = {"resolution": torch.tensor([[size, size]] * batch, dtype=dtype, device=device),
+    conditions = {"resolution": torch.tensor([[height, width]] * batch, dtype=dtype, device=device),
                   "aspect_ratio": torch.ones(batch, 1, dtype=dtype, device=device)}
     timestep = torch.full((batch,), 500, device=device)
-    return (randn(batch, config.in_channels, latent, latent), text, timestep), {"added_cond_kwargs": conditions}
+    return (randn(batch, config.in_channels, *latent), text, timestep), {"added_cond_kwargs": conditions}
 
 
 # -- variants ---------------------------------------------------------------------------------------

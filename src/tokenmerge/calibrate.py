@@ -74,7 +74,8 @@ def choose_ratio(speedups: dict[float, float], target: float) -> tuple[float, bo
     return 0.0, False
 
 
-def auto_ratio(model: object, config: MethodConfig, target_speedup: float, *, size: int | None = None,
+def auto_ratio(model: object, config: MethodConfig, target_speedup: float, *,
+               size: int | tuple[int, int] | None = None,
                inputs: tuple[tuple, dict] | None = None, ratios: Sequence[float] | None = None, repeats: int = 3,
                warmup: int = 1, timer: Timer | None = None) -> AutoRatio:
     """Time the denoiser of ``model`` unpatched and with ``config`` at increasing ratios; choose the smallest
@@ -84,7 +85,8 @@ def auto_ratio(model: object, config: MethodConfig, target_speedup: float, *, si
         model: a diffusers pipeline or its denoiser (a patch on it is restored afterwards).
         config: the method and its settings; its ``ratio`` is replaced.
         target_speedup: wanted speed-up of a denoiser call, > 1.
-        size: image size in pixels of a square CFG batch (2 images' worth of latents, random text), or
+        size: image size in pixels, one side of a square or ``(height, width)``, of a CFG batch (two
+            latents, random text), or
         inputs: ``(args, kwargs)`` of one denoiser call, exactly as it will run. Give one of the two.
         ratios: ratios to try, in increasing order (default ``DEFAULT_RATIOS`` up to ``config.max_ratio()``).
         repeats: timed calls per ratio (the median counts); warmup: untimed calls before them.
