@@ -12,4 +12,7 @@ from .methods import ImportanceMerge, ReToM, SiTo, ToFu, ToMe
 from .state import PlanEvent
 
 __version__ = "0.1.0"
-__all__ = ["apply", "remove", "patched", "current_config", "skipped_blocks", "auto_ratio", "AutoRatio", "ToMe", "ImportanceMerge", "ToFu", "SiTo", "ReToM", "PlanEvent", "__version__"]
+__all__ = [
+    "apply", "remove", "patched", "current_config", "skipped_blocks", "auto_ratio", "AutoRatio",
+    "ToMe", "ImportanceMerge", "ToFu", "SiTo", "ReToM", "PlanEvent", "__version__",
+]

@@ -475,7 +475,8 @@ def command_line(args: argparse.Namespace) -> str:
 
     sizes = f" --sizes {join(args.sizes)}" if args.sizes else ""
     return (f"tokenmerge bench --models {join(args.models)}{sizes} --ratios {join(args.ratios)} "
-            f"--methods {join(args.methods)} --share-plan {join(args.share_plan)} --repeats {args.repeats} --warmup {args.warmup} --images {args.images} "
+            f"--methods {join(args.methods)} --share-plan {join(args.share_plan)} --repeats {args.repeats} "
+            f"--warmup {args.warmup} --images {args.images} "
             f"--{'' if args.use_rand else 'no-'}use-rand --device {args.device} --dtype {args.dtype_name} "
             f"--seed {args.seed}{' --tiny' if args.tiny else ''} --out {args.out}")
 

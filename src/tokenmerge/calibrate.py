@@ -57,7 +57,7 @@ class AutoRatio:
         elif self.ratio > 0:
             verdict = f"no ratio reaches {self.target:g}x; the fastest, {self.ratio:g}, is chosen"
         else:
-            verdict = f"no ratio is faster than the unpatched denoiser: merging cannot pay here, ratio 0 (off)"
+            verdict = "no ratio is faster than the unpatched denoiser: merging cannot pay here, ratio 0 (off)"
         return f"tokenmerge.auto_ratio({type(self.config).__name__}): {verdict} (speed-ups {measured})"
 
 

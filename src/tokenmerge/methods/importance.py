@@ -105,7 +105,8 @@ class ImportanceMerge(MethodConfig):
     @property
     def uses_rng(self) -> bool:
         # Only the most important tokens as destinations, from a map known at every step, draw nothing.
-        return not (self.dst_selection == "topk" and self.prune_steps == 0 and isinstance(self.importance, torch.Tensor))
+        known_map = isinstance(self.importance, torch.Tensor)
+        return not (self.dst_selection == "topk" and self.prune_steps == 0 and known_map)
 
     @property
     def uses_clock(self) -> bool:
