@@ -124,3 +124,25 @@ def test_defaults_follow_the_device():
         "cpu", torch.float32, ("sd15",), (0.5,), 3)
     assert bench.sizes_for("sd15", args) == (512,) and bench.sizes_for("sdxl", args) == (1024,)
     assert bench.GPU_DEFAULTS["ratios"] == (0.3, 0.5, 0.7, 0.75)
+
+
+def test_share_plan_modes_are_variants_with_their_plan_time(tmp_path):
+    rows = run_bench(tmp_path, "--models", "sd15", "--methods", "tomesd,tome,retom", "--share-plan", "block,level")
+    methods = by_method(rows, "sd15")
+    assert list(methods) == ["unpatched", "tomesd", "tome", "tome+level", "retom", "retom+level"]
+    # One matching per level instead of one per block: fewer similarity FLOPs, same attention FLOPs.
+    assert float(methods["tome+level"]["gflops"]) < float(methods["tome"]["gflops"])
+    for name in ("tome", "tome+level"):
+        assert 0 < float(methods[name]["plan_s"]) and 0 < float(methods[name]["plan_share"])
+    assert methods["unpatched"]["plan_s"] == methods["tomesd"]["plan_s"] == ""  # not tokenmerge: no plan timer
+    assert methods["retom+level"]["status"] == "invalid" and "share_plan" in methods["retom+level"]["note"]
+    assert "--share-plan block,level" in (tmp_path / "bench.md").read_text()
+
+
+def test_blocks_below_min_tokens_are_reported(tmp_path):
+    """64 px: SDXL's first attention level is 4x4 = 16 tokens, below the default floor of 64."""
+    rows = run_bench(tmp_path, "--models", "sd15,sdxl", "--sizes", "64", "--methods", "tome")
+    sd15, sdxl = by_method(rows, "sd15"), by_method(rows, "sdxl")
+    assert "min_tokens" not in sd15["tome"]["note"] and float(sd15["tome"]["flop_bound"]) > 1  # 8x8 = 64 tokens
+    assert "block(s) below min_tokens=64 not merged (16 tokens)" in sdxl["tome"]["note"]
+    assert "merges nothing" in sdxl["tome"]["note"]

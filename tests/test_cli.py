@@ -58,12 +58,24 @@ def test_method_none_writes_one_image_and_no_maps(tiny_model, tmp_path):
     (["--method", "tome", "--ratio", "0.9"], "ratio"),
     (["--method", "importance", "--map-steps", "2,9"], "--map-steps 9"),
     (["--method", "importance", "--guidance", "1"], "guidance"),
+    (["--method", "tome", "--ratio", "auto"], "--target-speedup"),
+    (["--method", "tome", "--target-speedup", "1.5"], "--ratio auto"),
+    (["--method", "none", "--ratio", "auto", "--target-speedup", "1.5"], "merging --method"),
+    (["--method", "tome", "--ratio", "fast"], "'auto'"),
 ])
 def test_bad_settings_are_usage_errors(tmp_path, capsys, options, named):
     with pytest.raises(SystemExit) as exit_info:
         generate("unused", tmp_path, *options)
     assert exit_info.value.code == 2
     assert named in capsys.readouterr().err
+
+
+def test_auto_ratio_is_calibrated_applied_and_reported(tiny_model, tmp_path, capsys):
+    summary = generate(tiny_model, tmp_path, "--method", "tome", "--ratio", "auto", "--target-speedup", "1.01")
+    chosen = summary["auto_ratio"]
+    assert chosen["target_speedup"] == 1.01 and chosen["speedups"]  # timings vary: no assertion on them
+    assert summary["runs"][-1]["ratio"] == chosen["ratio"] and f"ToMe(ratio={chosen['ratio']}" in summary["config"]
+    assert "tokenmerge.auto_ratio(ToMe)" in capsys.readouterr().out
 
 
 def test_unreachable_hub_id_says_how_to_pass_a_local_folder(tmp_path, monkeypatch):

@@ -390,7 +390,8 @@ def test_ratio_zero_and_remove_are_bit_identical(any_unet):
 def test_odd_sizes_and_batches(any_unet, batch, size):
     args, kwargs = unet_inputs(any_unet, batch, *size)
     unpatched = run(any_unet, args, kwargs)
-    for config in (ReToM(ratio=0.5), ReToM(ratio=0.75, destination="random", seed=0, alpha=0.7, merge_mlp=True)):
+    for config in (ReToM(ratio=0.5, min_tokens=0),
+                   ReToM(ratio=0.75, destination="random", seed=0, alpha=0.7, merge_mlp=True, min_tokens=0)):
         out = patched_output(any_unet, args, kwargs, config)
         assert out.shape == unpatched.shape and torch.isfinite(out).all()
         assert not torch.allclose(out, unpatched, atol=1e-4)
@@ -400,7 +401,7 @@ def test_every_transformer_block_is_merged_with_its_level_window(sd1_unet):
     """Default placement: all transformer blocks (Sec. IV-A); 2x2 windows at levels 0-1, 8x8 at the bottleneck."""
     events = []
     args, kwargs = unet_inputs(sd1_unet, 2)  # 16x16 latent: grids 16x16, 8x8 and the 4x4 bottleneck
-    patched_output(sd1_unet, args, kwargs, ReToM(ratio=0.5), on_plan=events.append)
+    patched_output(sd1_unet, args, kwargs, ReToM(ratio=0.5, min_tokens=0), on_plan=events.append)
     names = {name for name, module in sd1_unet.named_modules() if type(module).__name__ == "BasicTransformerBlock"}
     assert {e.block for e in events} == names
     expected = {(16, 16): expected_kept(16, 16, 2, 0.5), (8, 8): expected_kept(8, 8, 2, 0.5),
@@ -413,7 +414,7 @@ def test_every_transformer_block_is_merged_with_its_level_window(sd1_unet):
 def test_selection_cached_across_denoiser_calls(sd1_unet):
     events = []
     args, kwargs = unet_inputs(sd1_unet, 2)
-    with tokenmerge.patched(sd1_unet, ReToM(ratio=0.5, period=2), on_plan=events.append):
+    with tokenmerge.patched(sd1_unet, ReToM(ratio=0.5, period=2, min_tokens=0), on_plan=events.append):
         for t in (900, 800, 700):  # a bare U-Net: one run, steps 0, 1, 2
             run(sd1_unet, args, kwargs, timestep=t)
         steps = {}

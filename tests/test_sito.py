@@ -271,7 +271,7 @@ def test_prunes_odd_sizes_and_batches(any_unet, batch, size):
     args, kwargs = unet_inputs(any_unet, batch, *size)
     unpatched = run(any_unet, args, kwargs)
     events = []
-    with tokenmerge.patched(any_unet, SiTo(ratio=0.5, seed=0, max_downsample=2), on_plan=events.append):
+    with tokenmerge.patched(any_unet, SiTo(ratio=0.5, seed=0, max_downsample=2, min_tokens=0), on_plan=events.append):
         out = run(any_unet, args, kwargs)
     assert out.shape == unpatched.shape and torch.isfinite(out).all()
     assert not torch.allclose(out, unpatched, atol=1e-5)

@@ -53,7 +53,8 @@ def unets():
 @pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
 @pytest.mark.parametrize("prune_blocks", ["down", "down_mid", "all", "none"])
 def test_prune_and_merge_blocks_follow_the_rule(unets, kind, prune_blocks):
-    events, _ = collect_events(unets[kind], ToFu(ratio=0.5, prune_blocks=prune_blocks, max_downsample=8, seed=0))
+    events, _ = collect_events(unets[kind], ToFu(ratio=0.5, prune_blocks=prune_blocks, max_downsample=8, seed=0,
+                                                         min_tokens=0))  # the 4x4 bottleneck too
     stages = {event.block.split(".")[0] for event in events}
     assert stages == {"down_blocks", "mid_block", "up_blocks"}, "every stage must be patched for this test"
     for event in events:
@@ -93,8 +94,8 @@ def test_prunes_helper():
 @pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
 @pytest.mark.parametrize("settings", [dict(ratio=0.5), dict(ratio=0.6, sx=4, sy=2), dict(ratio=0.3, use_rand=False)])
 def test_token_counts_equal_tome(unets, kind, settings):
-    ours, _ = collect_events(unets[kind], ToFu(max_downsample=8, seed=3, **settings))
-    theirs, _ = collect_events(unets[kind], ToMe(max_downsample=8, seed=3, **settings))
+    ours, _ = collect_events(unets[kind], ToFu(max_downsample=8, seed=3, min_tokens=0, **settings))
+    theirs, _ = collect_events(unets[kind], ToMe(max_downsample=8, seed=3, min_tokens=0, **settings))
     assert [e.block for e in ours] == [e.block for e in theirs]
     for a, b in zip(ours, theirs):
         n = a.grid[0] * a.grid[1]

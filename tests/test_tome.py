@@ -37,9 +37,11 @@ def ours_output(unet, args, kwargs, config):
 )
 @pytest.mark.parametrize("batch,size", [(2, (16, 16)), (1, (15, 17)), (3, (12, 20)), (4, (10, 14))])
 def test_matches_tomesd_without_randomness(sd1_unet, settings, batch, size):
+    # tomesd merges every block however small; our default floor (min_tokens=64) skips the 35- and 60-token
+    # level-1 blocks of the 10x14 and 12x20 latents, so parity is with min_tokens=0.
     args, kwargs = unet_inputs(sd1_unet, batch, *size)
     expected = tomesd_output(sd1_unet, args, kwargs, use_rand=False, **settings)
-    actual = ours_output(sd1_unet, args, kwargs, ToMe(use_rand=False, **settings))
+    actual = ours_output(sd1_unet, args, kwargs, ToMe(use_rand=False, min_tokens=0, **settings))
     assert not torch.equal(expected, run(sd1_unet, args, kwargs)), "the setting must actually merge"
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
 
@@ -103,6 +105,8 @@ def test_sdxl_merges_where_tomesd_patches_nothing(sdxl_unet):
         (dict(max_downsample=3), "max_downsample"),
         (dict(merge_attn=False), "merge_attn"),
         (dict(seed="x"), "seed"),
+        (dict(min_tokens=-1), "min_tokens"),
+        (dict(min_tokens=True), "min_tokens"),
     ],
 )
 def test_invalid_config_names_the_field(kwargs, field):
@@ -115,3 +119,27 @@ def test_max_ratio_follows_stride():
     assert ToMe(ratio=0.875, sx=4, sy=2).max_ratio() == 0.875
     with pytest.raises(ValueError, match=r"ratio must be in \[0, 0.875\]"):
         ToMe(ratio=0.876, sx=4, sy=2)
+
+
+def test_blocks_below_min_tokens_are_skipped_and_reported(sd1_unet):
+    """10x14 latent: level 0 has 140 tokens, level 1 has 5x7 = 35, below the default floor of 64."""
+    args, kwargs = unet_inputs(sd1_unet, 2, 10, 14)
+    with tokenmerge.patched(sd1_unet, ToMe(ratio=0.5, use_rand=False, max_downsample=2)) as model:
+        floored = run(model, args, kwargs)
+        skipped = tokenmerge.skipped_blocks(model)
+    assert skipped and set(skipped.values()) == {35}
+    assert all(".1." in name for name in skipped), "only level-1 blocks are skipped"
+    # Skipping level 1 is exactly merging level 0 alone; min_tokens=0 merges level 1 too.
+    level0 = ours_output(sd1_unet, args, kwargs, ToMe(ratio=0.5, use_rand=False, max_downsample=1, min_tokens=0))
+    torch.testing.assert_close(floored, level0, atol=0, rtol=0)
+    with tokenmerge.patched(sd1_unet, ToMe(ratio=0.5, use_rand=False, max_downsample=2, min_tokens=0)) as model:
+        assert not torch.allclose(run(model, args, kwargs), floored, atol=1e-5)
+        assert tokenmerge.skipped_blocks(model) == {}
+
+
+def test_a_latent_too_small_to_pay_is_computed_unmerged(sd1_unet):
+    args, kwargs = unet_inputs(sd1_unet, 2, 6, 6)  # 36 tokens at the top level
+    with tokenmerge.patched(sd1_unet, ToMe(ratio=0.5)) as model:
+        out = run(model, args, kwargs)
+        assert len(tokenmerge.skipped_blocks(model)) == len(tokenmerge.models.adapter_for(sd1_unet).targets(ToMe()))
+    assert torch.equal(out, run(sd1_unet, args, kwargs))

@@ -7,9 +7,13 @@
 """
 
 from . import presets
-from .api import apply, current_config, patched, remove
+from .api import apply, current_config, patched, remove, skipped_blocks
+from .calibrate import AutoRatio, auto_ratio
 from .methods import ImportanceMerge, ReToM, SiTo, ToFu, ToMe
 from .state import PlanEvent
 
 __version__ = "0.1.0"
-__all__ = ["presets", "apply", "remove", "patched", "current_config", "ToMe", "ImportanceMerge", "ToFu", "SiTo", "ReToM", "PlanEvent", "__version__"]
+__all__ = [
+    "presets", "apply", "remove", "patched", "current_config", "skipped_blocks", "auto_ratio", "AutoRatio",
+    "ToMe", "ImportanceMerge", "ToFu", "SiTo", "ReToM", "PlanEvent", "__version__",
+]

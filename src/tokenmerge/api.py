@@ -93,6 +93,15 @@ def remove(model: Model) -> Model:
     return model
 
 
+def skipped_blocks(model: object) -> dict[str, int]:
+    """Blocks the last denoiser call left unmerged because they had fewer than ``config.min_tokens`` tokens.
+
+    ``{block name: tokens}``; empty when every patched block merged (or the model is not patched).
+    """
+    state = getattr(find_denoiser(model)[0], STATE_ATTR, None)
+    return dict(state.skipped) if state is not None else {}
+
+
 def current_config(model: object) -> MethodConfig | None:
     """The config ``model`` is patched with, or None."""
     state = getattr(find_denoiser(model)[0], STATE_ATTR, None)

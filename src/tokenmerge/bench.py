@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .api import apply, patched, remove
+from .api import apply, patched, remove, skipped_blocks
 from .cli import METHODS as CONFIGS
 from .cli import at_least, number_list
 from .methods import ImportanceMerge, ToMe
@@ -74,7 +74,8 @@ CPU_DEFAULTS = dict(models=("sd15",), ratios=(0.5,), methods=("unpatched", "tome
 GPU_DEFAULTS = dict(models=tuple(MODELS), ratios=(0.3, 0.5, 0.7, 0.75),
                     methods=("unpatched", "tomesd", "tome", "importance"), repeats=10, warmup=3)
 CSV_FIELDS = ("model", "size", "method", "ratio", "status", "median_s", "min_s", "max_s", "runs", "speedup",
-              "gflops", "flop_bound", "achieved", "peak_mem_mib", "note")
+              "gflops", "flop_bound", "achieved", "plan_s", "plan_share", "peak_mem_mib", "note")
+SHARE_MODES = ("block", "level")
 
 
 # -- models and inputs ------------------------------------------------------------------------------
@@ -117,41 +118,40 @@ def is_unet(denoiser: nn.Module) -> bool:
     return type(denoiser).__name__ == "UNet2DConditionModel"
 
 
-def step_inputs(denoiser: nn.Module, size: int, images: int, device: torch.device, dtype: torch.dtype,
+def step_inputs(denoiser: nn.Module, size: int | tuple[int, int], images: int, device: torch.device, dtype: torch.dtype,
                 seed: int = 0) -> tuple[tuple, dict]:
-    """Arguments of one denoiser call on a CFG batch of ``2 * images`` at ``size`` pixels (latent = size / 8).
+    """Arguments of one denoiser call on a CFG batch of ``2 * images`` at ``size`` pixels (latent = size / 8);
+    ``size`` is one side of a square or ``(height, width)``.
 
     The latent goes first and positionally (tomesd reads ``args[0]``). The U-Net timestep is a CPU tensor:
     tokenmerge's step clock reads it without a device-to-host sync, and the U-Net copies it to the device
     first thing in its forward, when nothing but the start event is queued.
     """
-    config, latent, batch = denoiser.config, size // 8, 2 * images
+    height, width = (size, size) if isinstance(size, int) else size
+    config, latent, batch = denoiser.config, (height // 8, width // 8), 2 * images
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(device, dtype)
 
+    if not is_unet(denoiser) and (latent[0] % config.patch_size or latent[1] % config.patch_size):
+        raise ValueError(f"{type(denoiser).__name__}: size {size} is not a multiple of {8 * config.patch_size}")
     if type(denoiser).__name__ == "DiTTransformer2DModel":  # class-conditional: [cond; null class], as DiTPipeline
-        if latent % config.patch_size:
-            raise ValueError(f"DiTTransformer2DModel: size {size} is not a multiple of {8 * config.patch_size}")
         labels = torch.tensor([1] * images + [1000] * images, device=device)
-        return (randn(batch, config.in_channels, latent, latent), torch.full((batch,), 500, device=device),
-                labels), {}
+        return (randn(batch, config.in_channels, *latent), torch.full((batch,), 500, device=device), labels), {}
     text = randn(batch, TEXT_TOKENS[type(denoiser).__name__],
                  config.cross_attention_dim if is_unet(denoiser) else config.caption_channels)
     if is_unet(denoiser):
         kwargs = {}
         if config.addition_embed_type == "text_time":  # SDXL: pooled text embedding and 6 size/crop ids
             pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-            time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=dtype, device=device)
+            time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=dtype, device=device)
             kwargs["added_cond_kwargs"] = {"text_embeds": randn(batch, pooled), "time_ids": time_ids.expand(batch, 6)}
-        return (randn(batch, config.in_channels, latent, latent), torch.tensor(500), text), kwargs
-    if latent % config.patch_size:
-        raise ValueError(f"{type(denoiser).__name__}: size {size} is not a multiple of {8 * config.patch_size}")
-    conditions = {"resolution": torch.tensor([[size, size]] * batch, dtype=dtype, device=device),
+        return (randn(batch, config.in_channels, *latent), torch.tensor(500), text), kwargs
+    conditions = {"resolution": torch.tensor([[height, width]] * batch, dtype=dtype, device=device),
                   "aspect_ratio": torch.ones(batch, 1, dtype=dtype, device=device)}
     timestep = torch.full((batch,), 500, device=device)
-    return (randn(batch, config.in_channels, latent, latent), text, timestep), {"added_cond_kwargs": conditions}
+    return (randn(batch, config.in_channels, *latent), text, timestep), {"added_cond_kwargs": conditions}
 
 
 # -- variants ---------------------------------------------------------------------------------------
@@ -167,6 +167,9 @@ class Variant:
     times: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
     flops: int | None = None
+    config: object | None = None  # the tokenmerge config, None for unpatched and tomesd
+    plan_seconds: float | None = None
+    skipped: dict[str, int] = field(default_factory=dict)  # blocks below config.min_tokens: name -> tokens
 
 
 @contextlib.contextmanager
@@ -180,18 +183,24 @@ def tomesd_patched(denoiser: nn.Module, ratio: float, use_rand: bool) -> Iterato
         tomesd.remove_patch(denoiser)
 
 
-def method_config(method: str, ratio: float, latent: int, device: torch.device, use_rand: bool, seed: int):
+def method_config(method: str, ratio: float, latent: int, device: torch.device, use_rand: bool, seed: int,
+                  share_plan: str = "block"):
     """The tokenmerge config of a method; ImportanceMerge's importance is a fixed random map on ``device``."""
+    options = {} if share_plan == "block" else {"share_plan": share_plan}  # ReToM has no share_plan field
     if method == "tome":
-        return ToMe(ratio=ratio, use_rand=use_rand, seed=seed)
+        return ToMe(ratio=ratio, use_rand=use_rand, seed=seed, **options)
     if method == "importance":
         importance = torch.rand(latent, latent, generator=torch.Generator().manual_seed(seed)).to(device)
-        return ImportanceMerge(ratio=ratio, importance=importance, prune_steps=0.0, seed=seed)
-    return CONFIGS[method](ratio=ratio, seed=seed)
+        return ImportanceMerge(ratio=ratio, importance=importance, prune_steps=0.0, seed=seed, **options)
+    try:
+        return CONFIGS[method](ratio=ratio, seed=seed, **options)
+    except TypeError:
+        raise ValueError(f"{CONFIGS[method].__name__} has no share_plan option") from None
 
 
 def make_variant(method: str, ratio: float | None, denoiser: nn.Module, latent: int, device: torch.device,
-                 use_rand: bool, seed: int) -> Variant:
+                 use_rand: bool, seed: int, share_plan: str = "block") -> Variant:
+    """A variant to time; tokenmerge methods planned per level are named ``METHOD+level``."""
     if method == UNPATCHED:
         return Variant(method, None, lambda model: contextlib.nullcontext())
     if method == "tomesd":
@@ -203,17 +212,18 @@ def make_variant(method: str, ratio: float | None, denoiser: nn.Module, latent: 
             return Variant(method, ratio, status="skipped", note="tomesd is not installed (pip install tomesd)")
         note = "tomesd clamps the ratio to 0.75 silently" if ratio > 0.75 else ""
         return Variant(method, ratio, lambda model: tomesd_patched(model, ratio, use_rand), note=note)
+    name = method if share_plan == "block" else f"{method}+{share_plan}"
     try:
-        config = method_config(method, ratio, latent, device, use_rand, seed)
+        config = method_config(method, ratio, latent, device, use_rand, seed, share_plan)
     except ValueError as err:  # e.g. a ratio out of the method's range
-        return Variant(method, ratio, status="invalid", note=str(err).splitlines()[0])
+        return Variant(name, ratio, status="invalid", note=str(err).splitlines()[0])
     try:
         apply(denoiser, config)  # raises ValueError for a denoiser without an adapter or a config it rejects
     except ValueError as err:
-        return Variant(method, ratio, status="unsupported", note=str(err).split(". ")[0])
+        return Variant(name, ratio, status="unsupported", note=str(err).split(". ")[0])
     finally:
         remove(denoiser)
-    return Variant(method, ratio, lambda model: patched(model, config))
+    return Variant(name, ratio, lambda model: patched(model, config), config=config)
 
 
 # -- measuring --------------------------------------------------------------------------------------
@@ -231,6 +241,40 @@ def count_flops(step: Callable[[], object]) -> int:
     with FlopCounterMode(display=False, custom_mapping={cpu_sdpa: _cpu_sdpa_flops} if cpu_sdpa else {}) as mode:
         step()
     return mode.get_total_flops()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def plan_seconds(variant: Variant, denoiser: nn.Module, step: Callable[[], object], device: torch.device) -> float:
+    """Seconds spent in the config's ``make_plan`` during one step (an extra, untimed run); also records the
+    blocks that run left unmerged (``min_tokens``) in ``variant.skipped``.
+
+    The method's class is wrapped for the run; on GPU every plan is bracketed by device syncs, so the figure
+    includes their latency and is an upper bound of the plans' share of a step.
+    """
+    cls = type(variant.config)
+    original = cls.make_plan
+    spent = [0.0]
+
+    def make_plan(self, x, ctx):
+        _sync(device)
+        start = time.perf_counter()
+        plan = original(self, x, ctx)
+        _sync(device)
+        spent[0] += time.perf_counter() - start
+        return plan
+
+    cls.make_plan = make_plan
+    try:
+        with variant.patch(denoiser):
+            step()
+            variant.skipped = skipped_blocks(denoiser)
+    finally:
+        cls.make_plan = original
+    return spent[0]
 
 
 def timed(step: Callable[[], object], device: torch.device) -> float:
@@ -267,8 +311,9 @@ def bench_resolution(denoiser: nn.Module, size: int, args: argparse.Namespace) -
             denoiser(*inputs, **kwargs)
 
     variants = [make_variant(UNPATCHED, None, denoiser, size // 8, args.device, args.use_rand, args.seed)]
-    variants += [make_variant(method, ratio, denoiser, size // 8, args.device, args.use_rand, args.seed)
-                 for ratio in args.ratios for method in args.methods if method != UNPATCHED]
+    variants += [make_variant(method, ratio, denoiser, size // 8, args.device, args.use_rand, args.seed, share)
+                 for ratio in args.ratios for method in args.methods if method != UNPATCHED
+                 for share in (args.share_plan if method not in (UNPATCHED, "tomesd") else ("block",))]
     runnable = [v for v in variants if v.status == "ok"]
     for _ in range(args.warmup):
         for variant in runnable:
@@ -282,6 +327,8 @@ def bench_resolution(denoiser: nn.Module, size: int, args: argparse.Namespace) -
     for variant in runnable:
         with variant.patch(denoiser):
             variant.flops = count_flops(step)
+        if variant.config is not None:
+            variant.plan_seconds = plan_seconds(variant, denoiser, step, args.device)
     return variants
 
 
@@ -345,9 +392,16 @@ def table_rows(model: str, size: int, variants: list[Variant]) -> list[dict]:
                        speedup=base_median / median, gflops=v.flops / 1e9,
                        flop_bound=base.flops / v.flops if v.flops else None)
             row["achieved"] = row["speedup"] / row["flop_bound"] if row["flop_bound"] else None
+            if v.plan_seconds is not None:
+                row.update(plan_s=v.plan_seconds, plan_share=v.plan_seconds / median)
             row["peak_mem_mib"] = v.peak_bytes / 2**20 if v.peak_bytes is not None else None
+            notes = [v.note]
+            if v.skipped:
+                notes.append(f"{len(v.skipped)} block(s) below min_tokens={v.config.min_tokens} not merged "
+                             f"({', '.join(sorted({str(n) for n in v.skipped.values()}))} tokens)")
             if v.method != UNPATCHED and v.flops == base.flops:
-                row["note"] = "; ".join(filter(None, [v.note, "merges nothing (FLOPs unchanged)"]))
+                notes.append("merges nothing (FLOPs unchanged)")
+            row["note"] = "; ".join(filter(None, notes))
         rows.append(row)
     return rows
 
@@ -361,13 +415,14 @@ def fmt(value, spec: str = ".3f", suffix: str = "") -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     header = ("model", "px", "method", "ratio", "median s", "min s", "max s", "speed-up", "GFLOPs", "FLOP bound",
-              "achieved", "peak MiB", "note")
+              "achieved", "plan s", "plan %", "peak MiB", "note")
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in rows:
         note = r["note"] if r["status"] == "ok" else f"{r['status']}: {r['note']}"
         cells = (r["model"], r["size"], r["method"], fmt(r["ratio"], "g"), fmt(r["median_s"], ".4f"),
                  fmt(r["min_s"], ".4f"), fmt(r["max_s"], ".4f"), fmt(r["speedup"], ".2f", "x"), fmt(r["gflops"], ".4g"),
-                 fmt(r["flop_bound"], ".2f", "x"), fmt(r["achieved"], ".0%"), fmt(r["peak_mem_mib"], ".0f"),
+                 fmt(r["flop_bound"], ".2f", "x"), fmt(r["achieved"], ".0%"), fmt(r["plan_s"], ".4f"),
+                 fmt(r["plan_share"], ".1%"), fmt(r["peak_mem_mib"], ".0f"),
                  note.replace("|", "/"))
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
@@ -391,7 +446,8 @@ def write_plot(rows: list[dict], path: Path) -> Path:
     merged = [r for r in rows if r["status"] == "ok" and r["method"] != UNPATCHED]
     panels = list(dict.fromkeys((r["model"], r["size"]) for r in merged))
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.5 * max(1, len(panels)), 3.8), squeeze=False)
-    colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHODS)}
+    names = list(dict.fromkeys([*METHODS, *(r["method"] for r in merged)]))  # METHOD+level variants too
+    colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(names)}
     for ax, (model, size) in zip(axes[0], panels):
         for method in dict.fromkeys(r["method"] for r in merged):
             points = sorted((r["ratio"], r["speedup"], r["flop_bound"]) for r in merged
@@ -419,7 +475,8 @@ def command_line(args: argparse.Namespace) -> str:
 
     sizes = f" --sizes {join(args.sizes)}" if args.sizes else ""
     return (f"tokenmerge bench --models {join(args.models)}{sizes} --ratios {join(args.ratios)} "
-            f"--methods {join(args.methods)} --repeats {args.repeats} --warmup {args.warmup} --images {args.images} "
+            f"--methods {join(args.methods)} --share-plan {join(args.share_plan)} --repeats {args.repeats} "
+            f"--warmup {args.warmup} --images {args.images} "
             f"--{'' if args.use_rand else 'no-'}use-rand --device {args.device} --dtype {args.dtype_name} "
             f"--seed {args.seed}{' --tiny' if args.tiny else ''} --out {args.out}")
 
@@ -444,6 +501,13 @@ def ratio_list(text: str) -> tuple[float, ...]:
     return ratios
 
 
+def share_modes(text: str) -> tuple[str, ...]:
+    try:
+        return parse_names(text, SHARE_MODES, "share_plan mode")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def register(commands) -> argparse.ArgumentParser:
     """Add the ``bench`` subcommand to the CLI's subparsers."""
     bench = commands.add_parser(
@@ -460,6 +524,10 @@ def register(commands) -> argparse.ArgumentParser:
     bench.add_argument("--ratios", type=ratio_list, help="merge ratios (CPU default 0.5; GPU 0.3,0.5,0.7,0.75)")
     bench.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)} (default: "
                                          f"{','.join(CPU_DEFAULTS['methods'])}; unpatched always runs as the baseline)")
+    bench.add_argument("--share-plan", type=share_modes, default=("block",),
+                       help="plan per block and/or per U-Net level (share_plan field), e.g. block,level: each "
+                            "tokenmerge method runs once per mode; level variants are named METHOD+level "
+                            "(default: block)")
     bench.add_argument("--repeats", type=at_least(1), help="interleaved timed rounds (CPU default 3; GPU 10)")
     bench.add_argument("--warmup", type=at_least(0), help="untimed rounds first (CPU default 1; GPU 3)")
     bench.add_argument("--images", type=at_least(1), default=1, help="images per step; the batch is 2 x images (CFG)")

@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from . import viz
-from .api import apply, remove
+from .api import apply, find_denoiser, remove, skipped_blocks
+from .calibrate import AutoRatio, auto_ratio
 from .methods import ImportanceMerge, ReToM, SiTo, ToFu, ToMe
 from .methods.base import MethodConfig
 
@@ -79,6 +80,16 @@ def at_least(minimum: int) -> Callable[[str], int]:
 positive_int = at_least(1)
 
 
+def ratio_or_auto(text: str) -> float | str:
+    """argparse type of ``--ratio``: a number, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a ratio such as 0.5, or 'auto'; got {text!r}") from None
+
+
 def number_list(kind: type, example: str) -> Callable[[str], tuple]:
     """argparse type: comma-separated numbers of ``kind``, at least one."""
     def parse(text: str) -> tuple:
@@ -111,7 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--negative-prompt")
     generate.add_argument("--method", choices=METHODS, default="importance")
-    generate.add_argument("--ratio", type=float, default=0.7, help="fraction of tokens merged away (default 0.7)")
+    generate.add_argument("--ratio", type=ratio_or_auto, default=0.7,
+                          help="fraction of tokens merged away (default 0.7), or 'auto': the smallest ratio that "
+                               "reaches --target-speedup here, from a short calibration (tokenmerge.auto_ratio)")
+    generate.add_argument("--target-speedup", type=float,
+                          help="with --ratio auto: the wanted speed-up of a denoiser step, e.g. 1.5")
     generate.add_argument("--steps", type=positive_int, default=50, help="denoising steps (default 50)")
     generate.add_argument("--seed", type=int, default=0, help="seed of the latents and of the merging RNG")
     generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
@@ -142,8 +157,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run_generate(args: argparse.Namespace) -> None:
     config_class = METHODS[args.method]
+    auto = args.ratio == "auto"
+    if auto != (args.target_speedup is not None):
+        args.usage_error("--ratio auto and --target-speedup go together: e.g. --ratio auto --target-speedup 1.5")
+    if auto and config_class is None:
+        args.usage_error("--ratio auto needs a merging --method, not none")
     try:
-        config = config_class(ratio=args.ratio, seed=args.seed) if config_class else None
+        options = {} if auto else {"ratio": args.ratio}  # auto: the method's default until calibrated
+        config = config_class(seed=args.seed, **options) if config_class else None
     except ValueError as err:
         args.usage_error(str(err))
     if config is not None and config.uses_importance and args.guidance <= 1:
@@ -157,6 +178,15 @@ def run_generate(args: argparse.Namespace) -> None:
     pipe = load_pipeline(args.model, DTYPES[args.dtype]).to(device)
     call = pipeline_call(pipe, args, device)
     call(1)  # warm-up: one-time costs (first kernels, allocations) must not count against the first timed run
+    calibration = None
+    if auto:
+        size = (args.height or default_size(pipe), args.width or default_size(pipe))
+        try:
+            calibration = auto_ratio(pipe, config, args.target_speedup, size=size)
+        except ValueError as err:
+            args.usage_error(str(err))
+        print(calibration)
+        config = calibration.config
 
     args.out.mkdir(parents=True, exist_ok=True)
     runs = []
@@ -170,7 +200,11 @@ def run_generate(args: argparse.Namespace) -> None:
             raise SystemExit(f"tokenmerge: {err}") from err
     runs.append(timed_run(call, args.steps, device, args.out, args.method,
                           config.ratio if config else None))
+    skipped = skipped_blocks(pipe)
     remove(pipe)
+    if skipped:
+        print(f"tokenmerge: {len(skipped)} block(s) had fewer than min_tokens={config.min_tokens} tokens and were "
+              f"not merged: {', '.join(f'{name} ({n})' for name, n in skipped.items())}")
 
     written = [run.path for run in runs]
     if len(runs) > 1:
@@ -178,8 +212,13 @@ def run_generate(args: argparse.Namespace) -> None:
         viz.side_by_side([run.image for run in runs], [run.label for run in runs]).save(written[-1])
     if recorder.maps:
         written.append(viz.save_maps_figure(recorder.maps, args.out / f"maps_{args.method}.png"))
-    written.append(write_summary(args, config, runs, recorder))
+    written.append(write_summary(args, config, runs, recorder, skipped, calibration))
     print_report(runs, written)
+
+
+def default_size(pipe) -> int:
+    """The pipeline's default image side in pixels: the denoiser's sample size times the VAE's scale."""
+    return find_denoiser(pipe)[0].config.sample_size * pipe.vae_scale_factor
 
 
 def resolve_device(name: str, usage_error: Callable[[str], None]) -> torch.device:
@@ -257,7 +296,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def write_summary(args: argparse.Namespace, config: MethodConfig | None, runs: list[Run],
-                  recorder: viz.MapRecorder) -> Path:
+                  recorder: viz.MapRecorder, skipped: dict[str, int] | None = None,
+                  calibration: AutoRatio | None = None) -> Path:
     """``summary.json``: the settings and, per run, method, ratio, seconds and image (relative to the folder)."""
     summary = {
         "model": args.model,
@@ -269,6 +309,11 @@ def write_summary(args: argparse.Namespace, config: MethodConfig | None, runs: l
         "config": repr(config),
         "map_block": recorder.block,
         "map_steps": sorted(recorder.maps),
+        "skipped_blocks": skipped or {},  # blocks below min_tokens, left unmerged: name -> tokens
+        "auto_ratio": None if calibration is None else {
+            "target_speedup": calibration.target, "ratio": calibration.ratio, "reached": calibration.reached,
+            "speedups": {f"{r:g}": s for r, s in calibration.speedups.items()},
+        },
         "runs": [
             {"method": run.method, "ratio": run.ratio, "seconds": run.seconds, "image": run.path.name}
             for run in runs

@@ -64,12 +64,26 @@ class BlockPatch:
 
     def _make_plan(self, module, args, kwargs):
         state = self.state
+        config = state.config
         x = _first_tensor(args, kwargs)
+        if x.shape[1] < config.min_tokens:  # too few tokens for merging to pay: computed as is, and reported
+            self.plan = None
+            state.skipped[self.target.name] = x.shape[1]
+            if state.on_plan is not None:
+                grid = state.adapter.grid(state.latent_hw, self.target, x.shape[1])
+                state.on_plan(PlanEvent(state.clock.step, self.target.name, grid, None, None, state.prune_phase))
+            return
+        key = config.share_key(self.target.name, self.target.level)
+        if key is not None and key in state.shared_plans:
+            # share_plan="level": this level's first block already planned in this denoiser call.
+            self.plan, ctx = state.shared_plans[key]
+            self._report(ctx)
+            return
         grid = state.adapter.grid(state.latent_hw, self.target, x.shape[1])
         groups = x.shape[0] // 2 if state.cfg_pairs else x.shape[0]
         ctx = PlanContext(
             grid=grid,
-            generator=state.generator(x.device),
+            generator=state.generator(x.device) if config.uses_rng else None,
             cfg_pairs=state.cfg_pairs,
             prune_phase=state.prune_phase,
             importance=state.importance_on_grid(grid, groups) if state.config.uses_importance else None,
@@ -81,10 +95,16 @@ class BlockPatch:
             cond_first=state.adapter.cond_first,
         )
         with torch.no_grad():
-            self.plan = state.config.make_plan(x.detach(), ctx)
-        if state.on_plan is not None:
-            state.on_plan(PlanEvent(state.clock.step, self.target.name, grid, self.plan, ctx.importance,
-                                    ctx.prune_phase))
+            self.plan = config.make_plan(x.detach(), ctx)
+        if key is not None:
+            state.shared_plans[key] = (self.plan, ctx)
+        self._report(ctx)
+
+    def _report(self, ctx: PlanContext) -> None:
+        on_plan = self.state.on_plan
+        if on_plan is not None:
+            on_plan(PlanEvent(self.state.clock.step, self.target.name, ctx.grid, self.plan, ctx.importance,
+                              ctx.prune_phase))
 
     def _drop_plan(self, module, args, output):
         self.plan = None

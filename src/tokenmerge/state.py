@@ -46,8 +46,12 @@ class RunClock:
         self.step = -1
         self.progress = 0.0
 
-    def tick(self, timestep: object) -> bool:
-        """Advance by one denoiser call; True when it starts a new run."""
+    def tick(self, timestep: object, read_timestep: bool = True) -> bool:
+        """Advance by one denoiser call; True when it starts a new run.
+
+        ``read_timestep=False`` (the method does not depend on the run): a bare denoiser's calls are counted
+        without reading the timestep, so there is no device-to-host sync.
+        """
         pipeline = self._pipeline() if self._pipeline is not None else None
         scheduler = getattr(pipeline, "scheduler", None)
         timesteps = getattr(scheduler, "timesteps", None)
@@ -60,6 +64,9 @@ class RunClock:
             self.step = 0 if new_run else self.step + 1
             self.progress = self.step / self._total
             return new_run
+        if not read_timestep:
+            self.step += 1
+            return self.step == 0
         t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         new_run = self._last_t is None or t > self._last_t
         self._last_t = t
@@ -84,12 +91,18 @@ class PatchState:
         self.prune_phase = False
         self.importance: torch.Tensor | None = None  # (groups, H, W), from the previous step
         self.cache: dict = {}  # methods' own cross-step state (PlanContext.cache)
+        self.cfg_importance = _is_cfg(getattr(config, "importance", None))  # read from the CFG output
+        self.shared_plans: dict = {}  # share key -> (plan, context), for the current denoiser call
+        self.skipped: dict[str, int] = {}  # blocks left unmerged (min_tokens) in the last call: name -> tokens
         self._generators: dict[torch.device, torch.Generator] = {}
         self._pooled: dict[tuple[int, int], torch.Tensor | None] = {}
 
     # -- called by the denoiser hooks ------------------------------------------------------------
     def begin_call(self, sample: torch.Tensor, timestep: object) -> None:
-        if self.clock.tick(timestep):
+        uses_clock = self.config.uses_clock
+        # Compiled, a method that ignores the run skips the clock: its Python counters would be baked into the
+        # graph as constants and force a recompilation at every step.
+        if (uses_clock or not torch.compiler.is_compiling()) and self.clock.tick(timestep, uses_clock):
             self.importance = None
             self.cache.clear()
             self._generators.clear()
@@ -97,8 +110,10 @@ class PatchState:
         self.cfg_pairs = self._is_cfg_batch(sample.shape[0])
         self.prune_phase = self.clock.progress < getattr(self.config, "prune_steps", 0.0)
         self._pooled.clear()
+        self.shared_plans.clear()
+        self.skipped.clear()
         signal = getattr(self.config, "importance", None)
-        if isinstance(signal, str) and signal == "cfg" and not self.cfg_pairs:
+        if self.cfg_importance and not self.cfg_pairs:
             raise ValueError(
                 "tokenmerge: ImportanceMerge(importance='cfg') needs classifier-free guidance (a batch "
                 f"[uncond; cond]), but this call has batch size {sample.shape[0]} without it (guidance off, or a "
@@ -111,8 +126,8 @@ class PatchState:
             self.importance = given.to(sample.device, torch.float32).reshape(-1, *given.shape[-2:])
 
     def end_call(self, output: object) -> None:
-        signal = getattr(self.config, "importance", None)
-        if not (isinstance(signal, str) and signal == "cfg"):
+        self.shared_plans.clear()  # plans hold index tensors: do not keep them alive between calls
+        if not self.cfg_importance:
             return
         with torch.no_grad():
             eps = self.adapter.prediction(output)[:, self.adapter.importance_channels]
@@ -121,9 +136,13 @@ class PatchState:
 
     # -- called by the block hooks ---------------------------------------------------------------
     def generator(self, device: torch.device) -> torch.Generator:
-        """The patch's private generator on ``device``, seeded at the start of the run."""
+        """The patch's private generator on ``device``, seeded at the start of the run.
+
+        On the meta device (counting FLOPs without memory) it is a CPU generator: the methods draw on the
+        generator's device and move the draw to the tokens'.
+        """
         if device not in self._generators:
-            gen = torch.Generator(device=device)
+            gen = torch.Generator(device="cpu" if device.type == "meta" else device)
             if self.config.seed is not None:
                 gen.manual_seed(self.config.seed)
             elif device.type == "cuda":
@@ -158,3 +177,7 @@ class PatchState:
         except AttributeError:  # property read before the pipeline call set its guidance scale
             flag = None
         return True if flag is None else bool(flag)
+
+
+def _is_cfg(signal: object) -> bool:
+    return isinstance(signal, str) and signal == "cfg"

@@ -10,6 +10,11 @@ import torch
 
 from ..plan import MergePlan
 
+SHARE_PLAN = ("block", "level")
+#: Default ``min_tokens``: the smallest block (tokens) where merging its self-attention was measured to pay at
+#: every ratio (benchmarks/merge_floor.py, CPU; docs/benchmarks.md).
+MIN_TOKENS = 64
+
 
 @dataclass
 class PlanContext:
@@ -17,7 +22,8 @@ class PlanContext:
 
     Attributes:
         grid: ``(height, width)`` of the block's token grid.
-        generator: the patch's private RNG on the tokens' device (never the global one).
+        generator: the patch's private RNG on the tokens' device (never the global one); None for a method
+            that draws nothing (:attr:`MethodConfig.uses_rng` is False), so no generator is made per call.
         cfg_pairs: True when the batch is ``[uncond; cond]`` and both halves must share one plan.
         prune_phase: True during the first steps where the method prunes instead of merging.
         importance: ``(pairs_or_batch, N)`` importance of each token, or None when none is known yet.
@@ -30,7 +36,7 @@ class PlanContext:
     """
 
     grid: tuple[int, int]
-    generator: torch.Generator
+    generator: torch.Generator | None = None
     cfg_pairs: bool = False
     prune_phase: bool = False
     importance: torch.Tensor | None = None
@@ -78,6 +84,31 @@ class MethodConfig:
 
     #: Whether the method needs the per-token importance signal (so the denoiser hook computes it).
     uses_importance = False
+    #: Default of the ``share_plan`` field where a method has one; methods without it plan per block.
+    share_plan = "block"
+
+    @property
+    def uses_rng(self) -> bool:
+        """Whether plans draw from the private generator (False: none is created)."""
+        return True
+
+    @property
+    def uses_clock(self) -> bool:
+        """Whether plans depend on the run: its step or progress, or a reseeded generator at a new run.
+
+        When False, a bare denoiser's timestep is never read (no device-to-host sync), and a compiled
+        denoiser skips the clock entirely (no graph break, no per-step recompilation).
+        """
+        return True
+
+    def share_key(self, block: str, level: int) -> tuple | None:
+        """Key under which blocks share one plan per denoiser call, or None to plan per block.
+
+        ``share_plan="level"``: every block of a U-Net level reuses the plan built from the input of the
+        level's first block to run; a method whose plan depends on more than the level (ToFu: prune or
+        merge) adds it to the key.
+        """
+        return ("level", level) if self.share_plan == "level" else None
 
     def __new__(cls, *args, **kwargs):
         # Record which fields the caller set, so that a model family's preset fills only the others.
@@ -117,6 +148,16 @@ class MethodConfig:
             raise ValueError(f"{type(self).__name__}.seed must be an int or None, got {self.seed!r}")
         _validate_layers(self)
         check_range(self, "temporal_ratio", self.temporal_ratio, 0.0, MAX_TEMPORAL_RATIO)
+        if self.share_plan not in SHARE_PLAN:
+            raise ValueError(
+                f"{type(self).__name__}.share_plan must be one of {SHARE_PLAN} (plan per block, or one plan per "
+                f"U-Net level and denoiser call), got {self.share_plan!r}"
+            )
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(
+                f"{type(self).__name__}.min_tokens must be an int >= 0 (blocks with fewer tokens are not merged; "
+                f"0 merges every block), got {self.min_tokens!r}"
+            )
         if not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
             raise ValueError(
                 f"{type(self).__name__}: merge_attn, merge_crossattn and merge_mlp are all False, so nothing "

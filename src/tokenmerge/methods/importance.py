@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..plan import MergePlan, cell_destinations, complement, plan_from_matching
-from .base import MethodConfig, PlanContext, check_range
+from .base import MIN_TOKENS, MethodConfig, PlanContext, check_range
 from .matching import check_match, nearest
 
 DST_SELECTIONS = ("random", "topk")
@@ -63,6 +63,14 @@ class ImportanceMerge(MethodConfig):
         merge_mlp: merge around the feed-forward (``ff``).
         seed: seed of the private generator for random destinations; None forks the global RNG at each pipeline
             call (reproducible under ``torch.manual_seed``) without consuming it.
+        share_plan: ``"block"`` (default; the paper's): every patched block plans from its own input;
+            ``"level"``: one plan per U-Net level and denoiser call, built from the input of the level's first
+            block and reused by its other blocks (one similarity matching per level instead of per block;
+            outputs change).
+        min_tokens: blocks with fewer tokens than this are not merged (where merging cannot pay: below 64
+            tokens, merging one self-attention was measured slower than not merging on CPU; see
+            docs/benchmarks.md). Skipped blocks are listed by :func:`tokenmerge.skipped_blocks`. 0 merges
+            every block, as tomesd does.
     """
 
     ratio: float = 0.7
@@ -78,6 +86,8 @@ class ImportanceMerge(MethodConfig):
     merge_crossattn: bool = False
     merge_mlp: bool = False
     seed: int | None = None
+    min_tokens: int = MIN_TOKENS
+    share_plan: str = "block"
 
     uses_importance = True
 
@@ -104,6 +114,16 @@ class ImportanceMerge(MethodConfig):
     def max_ratio(self) -> float:
         # I = M - D must not be negative; the 2x2-cell phases keep N/4 destinations.
         return min(1.0 - self.dst, 0.75)
+
+    @property
+    def uses_rng(self) -> bool:
+        # Only the most important tokens as destinations, from a map known at every step, draw nothing.
+        known_map = isinstance(self.importance, torch.Tensor)
+        return not (self.dst_selection == "topk" and self.prune_steps == 0 and known_map)
+
+    @property
+    def uses_clock(self) -> bool:
+        return self.uses_rng or self.prune_steps > 0 or not isinstance(self.importance, torch.Tensor)
 
     def pool_size(self, num_tokens: int) -> int:
         kept = num_tokens - int(num_tokens * self.ratio)

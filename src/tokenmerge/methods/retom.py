@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ..plan import MergePlan, gather_tokens
-from .base import MethodConfig, PlanContext, check_range
+from .base import MIN_TOKENS, MethodConfig, PlanContext, check_range
 
 DESTINATIONS = ("representative", "random", "least")
 SOURCES = ("nearest", "mean")
@@ -87,6 +87,10 @@ class ReToM(MethodConfig):
         merge_mlp: merge around the feed-forward (``ff``).
         seed: seed of the private generator for random destinations; None forks the global RNG at each pipeline
             call (reproducible under ``torch.manual_seed``) without consuming it.
+        min_tokens: blocks with fewer tokens than this are not merged (where merging cannot pay: below 64
+            tokens, merging one self-attention was measured slower than not merging on CPU; see
+            docs/benchmarks.md). Skipped blocks are listed by :func:`tokenmerge.skipped_blocks`. 0 merges
+            every block, as tomesd does.
     """
 
     ratio: float = 0.5
@@ -102,6 +106,7 @@ class ReToM(MethodConfig):
     merge_crossattn: bool = False
     merge_mlp: bool = False
     seed: int | None = None
+    min_tokens: int = MIN_TOKENS
 
     def __post_init__(self) -> None:
         sizes = self.window_sizes
@@ -133,6 +138,10 @@ class ReToM(MethodConfig):
         # A full w x w window must keep its destination: r = floor(w^2 * ratio) <= w^2 - 1.
         smallest = self.window if self.window is not None else min(*self.window_sizes, self.bottleneck_window)
         return 1.0 - 1.0 / (smallest * smallest)
+
+    @property
+    def uses_rng(self) -> bool:
+        return self.destination == "random"
 
     def window_size(self, level: int, num_levels: int) -> int:
         """The window side used at U-Net ``level`` of a U-Net with ``num_levels`` levels."""

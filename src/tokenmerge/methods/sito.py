@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ..plan import MergePlan, cell_destinations, complement, gather_tokens, nearest_destination, plan_from_matching
-from .base import MethodConfig, PlanContext
+from .base import MIN_TOKENS, MethodConfig, PlanContext
 
 #: The base-token strategies of the paper's Table 3, by name, with their roman numeral.
 BASE_STRATEGIES = {
@@ -117,6 +117,14 @@ class SiTo(MethodConfig):
         merge_mlp: prune around the feed-forward (``ff``); Table 2: costs FID, no speed.
         seed: seed of the private generator for the noise and random strategies; None forks the global RNG at each pipeline
             call (reproducible under ``torch.manual_seed``) without consuming it.
+        share_plan: ``"block"`` (default; the paper's): every patched block plans from its own input;
+            ``"level"``: one plan per U-Net level and denoiser call, built from the input of the level's first
+            block and reused by its other blocks (one similarity matching per level instead of per block;
+            outputs change).
+        min_tokens: blocks with fewer tokens than this are not merged (where merging cannot pay: below 64
+            tokens, merging one self-attention was measured slower than not merging on CPU; see
+            docs/benchmarks.md). Skipped blocks are listed by :func:`tokenmerge.skipped_blocks`. 0 merges
+            every block, as tomesd does.
     """
 
     ratio: float = 0.5
@@ -129,6 +137,8 @@ class SiTo(MethodConfig):
     merge_crossattn: bool = False
     merge_mlp: bool = False
     seed: int | None = None
+    min_tokens: int = MIN_TOKENS
+    share_plan: str = "block"
 
     def __post_init__(self) -> None:
         if isinstance(self.patch, bool) or not isinstance(self.patch, int) or not 2 <= self.patch <= 8:
@@ -152,6 +162,15 @@ class SiTo(MethodConfig):
 
     def max_ratio(self) -> float:
         return 1.0 - 1.0 / (self.patch * self.patch)
+
+    @property
+    def uses_rng(self) -> bool:
+        strategy = self.strategy
+        return strategy.startswith("random") or (strategy == "noisy_simscore_patch" and self.sigma > 0)
+
+    @property
+    def uses_clock(self) -> bool:
+        return self.uses_rng  # a new run reseeds the generator; nothing else depends on the step
 
     def base_tokens(self, x: torch.Tensor, ctx: PlanContext) -> torch.Tensor:
         """``(B, D)`` base-token indices, ``D = (H // s) * (W // s)``, for the configured strategy."""

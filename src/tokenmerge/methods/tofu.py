@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..plan import MergePlan, plan_from_matching
-from .base import MethodConfig, PlanContext
+from .base import MIN_TOKENS, MethodConfig, PlanContext
 from .tome import cell_matching, validate_cells
 
 PRUNE_BLOCKS = ("down", "down_mid", "all", "none")
@@ -119,6 +119,14 @@ class ToFu(MethodConfig):
         merge_mlp: reduce around the feed-forward (``ff``).
         seed: seed of the private generator for the random destinations; None forks the global RNG at each pipeline
             call (reproducible under ``torch.manual_seed``) without consuming it.
+        share_plan: ``"block"`` (default; ToMeSD's): every patched block plans from its own input;
+            ``"level"``: one plan per U-Net level and denoiser call, built from the input of the level's first
+            block and reused by its other blocks (one similarity matching per level instead of per block;
+            outputs change).
+        min_tokens: blocks with fewer tokens than this are not merged (where merging cannot pay: below 64
+            tokens, merging one self-attention was measured slower than not merging on CPU; see
+            docs/benchmarks.md). Skipped blocks are listed by :func:`tokenmerge.skipped_blocks`. 0 merges
+            every block, as tomesd does.
     """
 
     ratio: float = 0.5
@@ -133,6 +141,8 @@ class ToFu(MethodConfig):
     merge_crossattn: bool = False
     merge_mlp: bool = False
     seed: int | None = None
+    min_tokens: int = MIN_TOKENS
+    share_plan: str = "block"
 
     def __post_init__(self) -> None:
         if self.prune_blocks not in PRUNE_BLOCKS:
@@ -144,6 +154,19 @@ class ToFu(MethodConfig):
 
     def max_ratio(self) -> float:
         return 1.0 - 1.0 / (self.sx * self.sy)
+
+    @property
+    def uses_rng(self) -> bool:
+        return self.use_rand
+
+    @property
+    def uses_clock(self) -> bool:
+        return self.uses_rng  # a new run reseeds the generator; nothing else depends on the step
+
+    def share_key(self, block: str, level: int) -> tuple | None:
+        # Blocks of one level that prune and blocks that merge cannot share a plan.
+        key = super().share_key(block, level)
+        return None if key is None else (*key, self.prunes(block))
 
     def prunes(self, block: str) -> bool:
         """Whether the block named ``block`` (a module path in the U-Net) prunes rather than merges."""

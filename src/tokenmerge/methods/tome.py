@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..plan import MergePlan, cell_destinations, complement, plan_from_matching
-from .base import MethodConfig, PlanContext
+from .base import MIN_TOKENS, MethodConfig, PlanContext
 from .matching import check_match, nearest
 
 
@@ -42,6 +42,14 @@ class ToMe(MethodConfig):
         merge_mlp: merge around the feed-forward (``ff``).
         seed: seed of the private generator for the random destinations; None forks the global RNG at each pipeline
             call (reproducible under ``torch.manual_seed``) without consuming it.
+        share_plan: ``"block"`` (default; tomesd's semantics): every patched block plans from its own input;
+            ``"level"``: one plan per U-Net level and denoiser call, built from the input of the level's first
+            block and reused by its other blocks (one similarity matching per level instead of per block;
+            outputs change).
+        min_tokens: blocks with fewer tokens than this are not merged (where merging cannot pay: below 64
+            tokens, merging one self-attention was measured slower than not merging on CPU; see
+            docs/benchmarks.md). Skipped blocks are listed by :func:`tokenmerge.skipped_blocks`. 0 merges
+            every block, as tomesd does.
     """
 
     ratio: float = 0.5
@@ -54,6 +62,8 @@ class ToMe(MethodConfig):
     merge_crossattn: bool = False
     merge_mlp: bool = False
     seed: int | None = None
+    min_tokens: int = MIN_TOKENS
+    share_plan: str = "block"
 
     def __post_init__(self) -> None:
         validate_cells(self)
@@ -61,6 +71,14 @@ class ToMe(MethodConfig):
 
     def max_ratio(self) -> float:
         return 1.0 - 1.0 / (self.sx * self.sy)
+
+    @property
+    def uses_rng(self) -> bool:
+        return self.use_rand
+
+    @property
+    def uses_clock(self) -> bool:
+        return self.uses_rng  # a new run reseeds the generator; nothing else depends on the step
 
     def make_plan(self, x: torch.Tensor, ctx: PlanContext) -> MergePlan | None:
         matching = cell_matching(x, ctx, self.ratio, self.sx, self.sy, self.use_rand, self.match)
