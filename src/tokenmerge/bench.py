@@ -184,9 +184,11 @@ def tomesd_patched(denoiser: nn.Module, ratio: float, use_rand: bool) -> Iterato
 
 
 def method_config(method: str, ratio: float, latent: int, device: torch.device, use_rand: bool, seed: int,
-                  share_plan: str = "block"):
+                  share_plan: str = "block", max_downsample: int | None = None):
     """The tokenmerge config of a method; ImportanceMerge's importance is a fixed random map on ``device``."""
     options = {} if share_plan == "block" else {"share_plan": share_plan}  # ReToM has no share_plan field
+    if max_downsample is not None:
+        options["max_downsample"] = max_downsample
     if method == "tome":
         return ToMe(ratio=ratio, use_rand=use_rand, seed=seed, **options)
     if method == "importance":
@@ -199,7 +201,7 @@ def method_config(method: str, ratio: float, latent: int, device: torch.device, 
 
 
 def make_variant(method: str, ratio: float | None, denoiser: nn.Module, latent: int, device: torch.device,
-                 use_rand: bool, seed: int, share_plan: str = "block") -> Variant:
+                 use_rand: bool, seed: int, share_plan: str = "block", max_downsample: int | None = None) -> Variant:
     """A variant to time; tokenmerge methods planned per level are named ``METHOD+level``."""
     if method == UNPATCHED:
         return Variant(method, None, lambda model: contextlib.nullcontext())
@@ -214,7 +216,7 @@ def make_variant(method: str, ratio: float | None, denoiser: nn.Module, latent: 
         return Variant(method, ratio, lambda model: tomesd_patched(model, ratio, use_rand), note=note)
     name = method if share_plan == "block" else f"{method}+{share_plan}"
     try:
-        config = method_config(method, ratio, latent, device, use_rand, seed, share_plan)
+        config = method_config(method, ratio, latent, device, use_rand, seed, share_plan, max_downsample)
     except ValueError as err:  # e.g. a ratio out of the method's range
         return Variant(name, ratio, status="invalid", note=str(err).splitlines()[0])
     try:
@@ -311,7 +313,8 @@ def bench_resolution(denoiser: nn.Module, size: int, args: argparse.Namespace) -
             denoiser(*inputs, **kwargs)
 
     variants = [make_variant(UNPATCHED, None, denoiser, size // 8, args.device, args.use_rand, args.seed)]
-    variants += [make_variant(method, ratio, denoiser, size // 8, args.device, args.use_rand, args.seed, share)
+    variants += [make_variant(method, ratio, denoiser, size // 8, args.device, args.use_rand, args.seed, share,
+                              args.max_downsample)
                  for ratio in args.ratios for method in args.methods if method != UNPATCHED
                  for share in (args.share_plan if method not in (UNPATCHED, "tomesd") else ("block",))]
     runnable = [v for v in variants if v.status == "ok"]
@@ -477,6 +480,7 @@ def command_line(args: argparse.Namespace) -> str:
     return (f"tokenmerge bench --models {join(args.models)}{sizes} --ratios {join(args.ratios)} "
             f"--methods {join(args.methods)} --share-plan {join(args.share_plan)} --repeats {args.repeats} "
             f"--warmup {args.warmup} --images {args.images} "
+            f"{f'--max-downsample {args.max_downsample} ' if args.max_downsample else ''}"
             f"--{'' if args.use_rand else 'no-'}use-rand --device {args.device} --dtype {args.dtype_name} "
             f"--seed {args.seed}{' --tiny' if args.tiny else ''} --out {args.out}")
 
@@ -524,6 +528,9 @@ def register(commands) -> argparse.ArgumentParser:
     bench.add_argument("--ratios", type=ratio_list, help="merge ratios (CPU default 0.5; GPU 0.3,0.5,0.7,0.75)")
     bench.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)} (default: "
                                          f"{','.join(CPU_DEFAULTS['methods'])}; unpatched always runs as the baseline)")
+    bench.add_argument("--max-downsample", type=int, choices=(1, 2, 4, 8), default=None,
+                       help="tokenmerge methods merge this many attention levels (max_downsample field; default: "
+                            "each method's, 1 = the highest-resolution attention level)")
     bench.add_argument("--share-plan", type=share_modes, default=("block",),
                        help="plan per block and/or per U-Net level (share_plan field), e.g. block,level: each "
                             "tokenmerge method runs once per mode; level variants are named METHOD+level "

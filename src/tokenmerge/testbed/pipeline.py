@@ -69,8 +69,9 @@ def build_models(width: int = 64, seed: int = 0):
 
 
 class TestbedPipeline(DiffusionPipeline):
-    __test__ = False  # pytest: a pipeline, not a test class
     """Text-to-image on the testbed's 32x32 scenes, with classifier-free guidance."""
+
+    __test__ = False  # pytest: a pipeline, not a test class
 
     model_cpu_offload_seq = "text_encoder->unet"
 
