@@ -1,4 +1,5 @@
-# Two commands for a fresh machine: `make demo` (main job) and `make test` (test suite).
+# Two commands for a fresh machine: `make demo` (main job: tokenmerge demo on the shipped testbed) and
+# `make test` (test suite).
 # Both create .venv and install a pinned CPU torch when the environment has none.
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,9 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) -m tokenmerge.tiny $(DEMO_DIR)/tiny-sd1
-	$(VENV)/bin/tokenmerge generate --model $(DEMO_DIR)/tiny-sd1 --prompt "a red circle on a blue square" \
-		--method importance --ratio 0.7 --steps 20 --seed 0 --height 256 --width 256 --out $(DEMO_DIR) --compare
+	$(VENV)/bin/tokenmerge demo --out $(DEMO_DIR)
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
