@@ -144,5 +144,5 @@ def test_blocks_below_min_tokens_are_reported(tmp_path):
     rows = run_bench(tmp_path, "--models", "sd15,sdxl", "--sizes", "64", "--methods", "tome")
     sd15, sdxl = by_method(rows, "sd15"), by_method(rows, "sdxl")
     assert "min_tokens" not in sd15["tome"]["note"] and float(sd15["tome"]["flop_bound"]) > 1  # 8x8 = 64 tokens
-    assert "block(s) below min_tokens=64 not merged (16 tokens)" in sdxl["tome"]["note"]
+    assert "block(s) below the automatic floor (cpu: 64 tokens) not merged (16 tokens)" in sdxl["tome"]["note"]
     assert "merges nothing" in sdxl["tome"]["note"]

@@ -37,7 +37,7 @@ def ours_output(unet, args, kwargs, config):
 )
 @pytest.mark.parametrize("batch,size", [(2, (16, 16)), (1, (15, 17)), (3, (12, 20)), (4, (10, 14))])
 def test_matches_tomesd_without_randomness(sd1_unet, settings, batch, size):
-    # tomesd merges every block however small; our default floor (min_tokens=64) skips the 35- and 60-token
+    # tomesd merges every block however small; our automatic floor (CPU: 64 tokens) skips the 35- and 60-token
     # level-1 blocks of the 10x14 and 12x20 latents, so parity is with min_tokens=0.
     args, kwargs = unet_inputs(sd1_unet, batch, *size)
     expected = tomesd_output(sd1_unet, args, kwargs, use_rand=False, **settings)
@@ -107,6 +107,7 @@ def test_sdxl_merges_where_tomesd_patches_nothing(sdxl_unet):
         (dict(seed="x"), "seed"),
         (dict(min_tokens=-1), "min_tokens"),
         (dict(min_tokens=True), "min_tokens"),
+        (dict(min_tokens=64.0), "min_tokens"),
     ],
 )
 def test_invalid_config_names_the_field(kwargs, field):
@@ -135,6 +136,21 @@ def test_blocks_below_min_tokens_are_skipped_and_reported(sd1_unet):
     with tokenmerge.patched(sd1_unet, ToMe(ratio=0.5, use_rand=False, max_downsample=2, min_tokens=0)) as model:
         assert not torch.allclose(run(model, args, kwargs), floored, atol=1e-5)
         assert tokenmerge.skipped_blocks(model) == {}
+
+
+def test_the_automatic_floor_counts_tokens_on_cpu_and_work_on_cuda():
+    """min_tokens=None: fewer than 64 tokens on CPU; batch x tokens below 65536 on CUDA. An int: tokens anywhere."""
+    auto = ToMe()
+    assert auto.min_tokens is None
+    assert not auto.merges(1000, 63, "cpu") and auto.merges(1, 64, "cpu")
+    assert not auto.merges(2, 16384, "cuda") and auto.merges(2, 32768, "cuda") and auto.merges(64, 1024, "cuda")
+    assert auto.merges(1100, 63, "cuda")  # 69300: on CUDA the work counts, not the tokens
+    for device in ("cpu", "cuda"):
+        assert ToMe(min_tokens=0).merges(1, 1, device)
+        assert not ToMe(min_tokens=64).merges(1000, 63, device) and ToMe(min_tokens=64).merges(1, 64, device)
+    assert auto.floor("cuda") == "the automatic floor (cuda: batch x tokens < 65536)"
+    assert auto.floor("cpu") == "the automatic floor (cpu: 64 tokens)"
+    assert ToMe(min_tokens=16).floor("cuda") == "min_tokens=16"
 
 
 def test_a_latent_too_small_to_pay_is_computed_unmerged(sd1_unet):

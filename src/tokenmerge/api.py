@@ -94,7 +94,7 @@ def remove(model: Model) -> Model:
 
 
 def skipped_blocks(model: object) -> dict[str, int]:
-    """Blocks the last denoiser call left unmerged because they had fewer than ``config.min_tokens`` tokens.
+    """Blocks the last denoiser call left unmerged because they were below the floor (``config.min_tokens``).
 
     ``{block name: tokens}``; empty when every patched block merged (or the model is not patched).
     """

@@ -169,7 +169,7 @@ class Variant:
     flops: int | None = None
     config: object | None = None  # the tokenmerge config, None for unpatched and tomesd
     plan_seconds: float | None = None
-    skipped: dict[str, int] = field(default_factory=dict)  # blocks below config.min_tokens: name -> tokens
+    skipped: dict[str, int] = field(default_factory=dict)  # blocks below the floor (min_tokens): name -> tokens
 
 
 @contextlib.contextmanager
@@ -184,11 +184,13 @@ def tomesd_patched(denoiser: nn.Module, ratio: float, use_rand: bool) -> Iterato
 
 
 def method_config(method: str, ratio: float, latent: int, device: torch.device, use_rand: bool, seed: int,
-                  share_plan: str = "block", max_downsample: int | None = None):
+                  share_plan: str = "block", max_downsample: int | None = None, min_tokens: int | None = None):
     """The tokenmerge config of a method; ImportanceMerge's importance is a fixed random map on ``device``."""
     options = {} if share_plan == "block" else {"share_plan": share_plan}  # ReToM has no share_plan field
     if max_downsample is not None:
         options["max_downsample"] = max_downsample
+    if min_tokens is not None:
+        options["min_tokens"] = min_tokens
     if method == "tome":
         return ToMe(ratio=ratio, use_rand=use_rand, seed=seed, **options)
     if method == "importance":
@@ -201,7 +203,8 @@ def method_config(method: str, ratio: float, latent: int, device: torch.device, 
 
 
 def make_variant(method: str, ratio: float | None, denoiser: nn.Module, latent: int, device: torch.device,
-                 use_rand: bool, seed: int, share_plan: str = "block", max_downsample: int | None = None) -> Variant:
+                 use_rand: bool, seed: int, share_plan: str = "block", max_downsample: int | None = None,
+                 min_tokens: int | None = None) -> Variant:
     """A variant to time; tokenmerge methods planned per level are named ``METHOD+level``."""
     if method == UNPATCHED:
         return Variant(method, None, lambda model: contextlib.nullcontext())
@@ -216,7 +219,7 @@ def make_variant(method: str, ratio: float | None, denoiser: nn.Module, latent: 
         return Variant(method, ratio, lambda model: tomesd_patched(model, ratio, use_rand), note=note)
     name = method if share_plan == "block" else f"{method}+{share_plan}"
     try:
-        config = method_config(method, ratio, latent, device, use_rand, seed, share_plan, max_downsample)
+        config = method_config(method, ratio, latent, device, use_rand, seed, share_plan, max_downsample, min_tokens)
     except ValueError as err:  # e.g. a ratio out of the method's range
         return Variant(name, ratio, status="invalid", note=str(err).splitlines()[0])
     try:
@@ -314,7 +317,7 @@ def bench_resolution(denoiser: nn.Module, size: int, args: argparse.Namespace) -
 
     variants = [make_variant(UNPATCHED, None, denoiser, size // 8, args.device, args.use_rand, args.seed)]
     variants += [make_variant(method, ratio, denoiser, size // 8, args.device, args.use_rand, args.seed, share,
-                              args.max_downsample)
+                              args.max_downsample, args.min_tokens)
                  for ratio in args.ratios for method in args.methods if method != UNPATCHED
                  for share in (args.share_plan if method not in (UNPATCHED, "tomesd") else ("block",))]
     runnable = [v for v in variants if v.status == "ok"]
@@ -375,14 +378,14 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
             f"on {args.device} {args.dtype_name}")
         denoiser = build_denoiser(config, args.device, args.dtype, args.seed)
         for size in sizes_for(model, args):
-            rows += table_rows(model, size, bench_resolution(denoiser, size, args))
+            rows += table_rows(model, size, bench_resolution(denoiser, size, args), args.device.type)
         del denoiser
         if args.device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
-def table_rows(model: str, size: int, variants: list[Variant]) -> list[dict]:
+def table_rows(model: str, size: int, variants: list[Variant], device_type: str) -> list[dict]:
     base = variants[0]  # unpatched
     base_median = statistics.median(base.times) if base.times else None
     rows = []
@@ -400,7 +403,7 @@ def table_rows(model: str, size: int, variants: list[Variant]) -> list[dict]:
             row["peak_mem_mib"] = v.peak_bytes / 2**20 if v.peak_bytes is not None else None
             notes = [v.note]
             if v.skipped:
-                notes.append(f"{len(v.skipped)} block(s) below min_tokens={v.config.min_tokens} not merged "
+                notes.append(f"{len(v.skipped)} block(s) below {v.config.floor(device_type)} not merged "
                              f"({', '.join(sorted({str(n) for n in v.skipped.values()}))} tokens)")
             if v.method != UNPATCHED and v.flops == base.flops:
                 notes.append("merges nothing (FLOPs unchanged)")
@@ -481,6 +484,7 @@ def command_line(args: argparse.Namespace) -> str:
             f"--methods {join(args.methods)} --share-plan {join(args.share_plan)} --repeats {args.repeats} "
             f"--warmup {args.warmup} --images {args.images} "
             f"{f'--max-downsample {args.max_downsample} ' if args.max_downsample else ''}"
+            f"{f'--min-tokens {args.min_tokens} ' if args.min_tokens is not None else ''}"
             f"--{'' if args.use_rand else 'no-'}use-rand --device {args.device} --dtype {args.dtype_name} "
             f"--seed {args.seed}{' --tiny' if args.tiny else ''} --out {args.out}")
 
@@ -531,6 +535,9 @@ def register(commands) -> argparse.ArgumentParser:
     bench.add_argument("--max-downsample", type=int, choices=(1, 2, 4, 8), default=None,
                        help="tokenmerge methods merge this many attention levels (max_downsample field; default: "
                             "each method's, 1 = the highest-resolution attention level)")
+    bench.add_argument("--min-tokens", type=at_least(0), default=None,
+                       help="tokenmerge methods' min_tokens field: merge only blocks with at least this many tokens "
+                            "(0: every block; default: the automatic floor of the device, docs/methods.md)")
     bench.add_argument("--share-plan", type=share_modes, default=("block",),
                        help="plan per block and/or per U-Net level (share_plan field), e.g. block,level: each "
                             "tokenmerge method runs once per mode; level variants are named METHOD+level "

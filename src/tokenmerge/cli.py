@@ -203,8 +203,8 @@ def run_generate(args: argparse.Namespace) -> None:
     skipped = skipped_blocks(pipe)
     remove(pipe)
     if skipped:
-        print(f"tokenmerge: {len(skipped)} block(s) had fewer than min_tokens={config.min_tokens} tokens and were "
-              f"not merged: {', '.join(f'{name} ({n})' for name, n in skipped.items())}")
+        print(f"tokenmerge: {len(skipped)} block(s) below {config.floor(device.type)} were not merged: "
+              f"{', '.join(f'{name} ({n} tokens)' for name, n in skipped.items())}")
 
     written = [run.path for run in runs]
     if len(runs) > 1:
@@ -309,7 +309,7 @@ def write_summary(args: argparse.Namespace, config: MethodConfig | None, runs: l
         "config": repr(config),
         "map_block": recorder.block,
         "map_steps": sorted(recorder.maps),
-        "skipped_blocks": skipped or {},  # blocks below min_tokens, left unmerged: name -> tokens
+        "skipped_blocks": skipped or {},  # blocks below the floor (min_tokens), left unmerged: name -> tokens
         "auto_ratio": None if calibration is None else {
             "target_speedup": calibration.target, "ratio": calibration.ratio, "reached": calibration.reached,
             "speedups": {f"{r:g}": s for r, s in calibration.speedups.items()},

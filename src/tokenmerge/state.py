@@ -93,7 +93,7 @@ class PatchState:
         self.cache: dict = {}  # methods' own cross-step state (PlanContext.cache)
         self.cfg_importance = _is_cfg(getattr(config, "importance", None))  # read from the CFG output
         self.shared_plans: dict = {}  # share key -> (plan, context), for the current denoiser call
-        self.skipped: dict[str, int] = {}  # blocks left unmerged (min_tokens) in the last call: name -> tokens
+        self.skipped: dict[str, int] = {}  # blocks left unmerged (below the floor) in the last call: name -> tokens
         self._generators: dict[torch.device, torch.Generator] = {}
         self._pooled: dict[tuple[int, int], torch.Tensor | None] = {}
 

@@ -11,9 +11,16 @@ import torch
 from ..plan import MergePlan
 
 SHARE_PLAN = ("block", "level")
-#: Default ``min_tokens``: the smallest block (tokens) where merging its self-attention was measured to pay at
-#: every ratio (benchmarks/merge_floor.py, CPU; docs/benchmarks.md).
-MIN_TOKENS = 64
+# The automatic floor (``min_tokens=None``, the default): blocks below it are computed unmerged, where merging
+# their self-attention was measured not to pay (benchmarks/merge_floor.py; docs/benchmarks.md).
+#: CPU (and any device but CUDA): fewest tokens. Below 64 tokens merging was slower than not merging at some ratio
+#: (16 tokens: 0.55-0.86x; 36 tokens at r = 0.3: 0.86x); from 64 on it paid at every ratio measured.
+MIN_TOKENS_CPU = 64
+#: CUDA: least work, batch x tokens, as small blocks are launch/latency bound whatever their token count. H100
+#: fp16, SD 1.5 top-level self-attention (C = 320, 8 heads), batch 2, r = 0.5: 0.14-0.22x per block at 256-4096
+#: tokens, 1.02x at 16384; whole steps (``tokenmerge bench``, CFG batch 2): 0.84-0.86x at 512 and 1024 px
+#: (4096 and 16384 tokens at the top level), 1.61x at 2048 px (65536 tokens); 1024 tokens at batch 500: 1.3-1.5x.
+MIN_WORK_CUDA = 65536
 
 
 @dataclass
@@ -110,6 +117,27 @@ class MethodConfig:
         """
         return ("level", level) if self.share_plan == "level" else None
 
+    def merges(self, batch: int, tokens: int, device_type: str) -> bool:
+        """Whether a block input of ``batch`` x ``tokens`` on a ``device_type`` device is merged.
+
+        ``min_tokens=None``: the automatic floor, ``tokens >= MIN_TOKENS_CPU`` on CPU (and any device but CUDA),
+        ``batch * tokens >= MIN_WORK_CUDA`` on CUDA; an int: ``tokens >= min_tokens`` on any device. Python
+        ints only (tensor shapes and ``device.type``): no device sync.
+        """
+        if self.min_tokens is not None:
+            return tokens >= self.min_tokens
+        if device_type == "cuda":
+            return batch * tokens >= MIN_WORK_CUDA
+        return tokens >= MIN_TOKENS_CPU
+
+    def floor(self, device_type: str) -> str:
+        """The floor :meth:`merges` applies on ``device_type``, in words (why blocks were skipped)."""
+        if self.min_tokens is not None:
+            return f"min_tokens={self.min_tokens}"
+        if device_type == "cuda":
+            return f"the automatic floor (cuda: batch x tokens < {MIN_WORK_CUDA})"
+        return f"the automatic floor ({device_type}: {MIN_TOKENS_CPU} tokens)"
+
     def __new__(cls, *args, **kwargs):
         # Record which fields the caller set, so that a model family's preset fills only the others.
         self = super().__new__(cls)
@@ -153,10 +181,12 @@ class MethodConfig:
                 f"{type(self).__name__}.share_plan must be one of {SHARE_PLAN} (plan per block, or one plan per "
                 f"U-Net level and denoiser call), got {self.share_plan!r}"
             )
-        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        min_tokens = self.min_tokens
+        if min_tokens is not None and (isinstance(min_tokens, bool) or not isinstance(min_tokens, int)
+                                       or min_tokens < 0):
             raise ValueError(
-                f"{type(self).__name__}.min_tokens must be an int >= 0 (blocks with fewer tokens are not merged; "
-                f"0 merges every block), got {self.min_tokens!r}"
+                f"{type(self).__name__}.min_tokens must be None (the automatic floor for the device) or an int "
+                f">= 0 (blocks with fewer tokens are not merged; 0 merges every block), got {min_tokens!r}"
             )
         if not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
             raise ValueError(

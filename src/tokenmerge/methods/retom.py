@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ..plan import MergePlan, gather_tokens
-from .base import MIN_TOKENS, MethodConfig, PlanContext, check_range
+from .base import MethodConfig, PlanContext, check_range
 
 DESTINATIONS = ("representative", "random", "least")
 SOURCES = ("nearest", "mean")
@@ -87,10 +87,11 @@ class ReToM(MethodConfig):
         merge_mlp: merge around the feed-forward (``ff``).
         seed: seed of the private generator for random destinations; None forks the global RNG at each pipeline
             call (reproducible under ``torch.manual_seed``) without consuming it.
-        min_tokens: blocks with fewer tokens than this are not merged (where merging cannot pay: below 64
-            tokens, merging one self-attention was measured slower than not merging on CPU; see
-            docs/benchmarks.md). Skipped blocks are listed by :func:`tokenmerge.skipped_blocks`. 0 merges
-            every block, as tomesd does.
+        min_tokens: None (default): the automatic floor, where merging was measured not to pay: on CPU a
+            block with fewer than 64 tokens is not merged, on CUDA one with batch x tokens below 65536 (small
+            blocks are launch bound; see :meth:`MethodConfig.merges`, docs/benchmarks.md). An int: blocks with
+            fewer tokens are not merged, on any device; 0 merges every block, as tomesd does. Skipped blocks
+            are listed by :func:`tokenmerge.skipped_blocks`.
     """
 
     ratio: float = 0.5
@@ -106,7 +107,7 @@ class ReToM(MethodConfig):
     merge_crossattn: bool = False
     merge_mlp: bool = False
     seed: int | None = None
-    min_tokens: int = MIN_TOKENS
+    min_tokens: int | None = None
 
     def __post_init__(self) -> None:
         sizes = self.window_sizes

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..plan import MergePlan, cell_destinations, complement, plan_from_matching
-from .base import MIN_TOKENS, MethodConfig, PlanContext
+from .base import MethodConfig, PlanContext
 from .matching import check_match, nearest
 
 
@@ -46,10 +46,11 @@ class ToMe(MethodConfig):
             ``"level"``: one plan per U-Net level and denoiser call, built from the input of the level's first
             block and reused by its other blocks (one similarity matching per level instead of per block;
             outputs change).
-        min_tokens: blocks with fewer tokens than this are not merged (where merging cannot pay: below 64
-            tokens, merging one self-attention was measured slower than not merging on CPU; see
-            docs/benchmarks.md). Skipped blocks are listed by :func:`tokenmerge.skipped_blocks`. 0 merges
-            every block, as tomesd does.
+        min_tokens: None (default): the automatic floor, where merging was measured not to pay: on CPU a
+            block with fewer than 64 tokens is not merged, on CUDA one with batch x tokens below 65536 (small
+            blocks are launch bound; see :meth:`MethodConfig.merges`, docs/benchmarks.md). An int: blocks with
+            fewer tokens are not merged, on any device; 0 merges every block, as tomesd does. Skipped blocks
+            are listed by :func:`tokenmerge.skipped_blocks`.
     """
 
     ratio: float = 0.5
@@ -62,7 +63,7 @@ class ToMe(MethodConfig):
     merge_crossattn: bool = False
     merge_mlp: bool = False
     seed: int | None = None
-    min_tokens: int = MIN_TOKENS
+    min_tokens: int | None = None
     share_plan: str = "block"
 
     def __post_init__(self) -> None:
