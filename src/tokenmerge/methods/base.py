@@ -70,8 +70,14 @@ MAX_TEMPORAL_RATIO = 0.5
 class MethodConfig:
     """Base of the method configs: the ``make_plan`` contract and the fields every method shares.
 
-    Each method declares ``ratio``, ``max_downsample``, ``merge_attn``, ``merge_crossattn``, ``merge_mlp`` and
-    ``seed``. The keyword-only fields below place merging in model families other than the SD U-Net:
+    Each method declares ``ratio``, ``max_downsample``, ``merge_attn``, ``merge_crossattn``, ``merge_mlp``,
+    ``seed`` and ``min_tokens``: the merge floor. ``min_tokens=None`` (default) is the automatic floor, where
+    merging was measured not to pay: on CPU a block with fewer than 64 tokens is not merged, on CUDA one with
+    batch x tokens below 65536 (small blocks are launch bound; :meth:`merges`, docs/benchmarks.md). An int:
+    blocks with fewer tokens are not merged, on any device; 0 merges every block, as tomesd does. Skipped
+    blocks are listed by :func:`tokenmerge.skipped_blocks`.
+
+    The keyword-only fields below place merging in model families other than the SD U-Net:
 
     Args:
         layers: for transformer denoisers (PixArt, DiT): the ``(start, end)`` fraction of the blocks patched,

@@ -87,11 +87,7 @@ class ReToM(MethodConfig):
         merge_mlp: merge around the feed-forward (``ff``).
         seed: seed of the private generator for random destinations; None forks the global RNG at each pipeline
             call (reproducible under ``torch.manual_seed``) without consuming it.
-        min_tokens: None (default): the automatic floor, where merging was measured not to pay: on CPU a
-            block with fewer than 64 tokens is not merged, on CUDA one with batch x tokens below 65536 (small
-            blocks are launch bound; see :meth:`MethodConfig.merges`, docs/benchmarks.md). An int: blocks with
-            fewer tokens are not merged, on any device; 0 merges every block, as tomesd does. Skipped blocks
-            are listed by :func:`tokenmerge.skipped_blocks`.
+        min_tokens: the merge floor; None (default) = automatic per device (see :class:`MethodConfig`).
     """
 
     ratio: float = 0.5

@@ -121,11 +121,7 @@ class SiTo(MethodConfig):
             ``"level"``: one plan per U-Net level and denoiser call, built from the input of the level's first
             block and reused by its other blocks (one similarity matching per level instead of per block;
             outputs change).
-        min_tokens: None (default): the automatic floor, where merging was measured not to pay: on CPU a
-            block with fewer than 64 tokens is not merged, on CUDA one with batch x tokens below 65536 (small
-            blocks are launch bound; see :meth:`MethodConfig.merges`, docs/benchmarks.md). An int: blocks with
-            fewer tokens are not merged, on any device; 0 merges every block, as tomesd does. Skipped blocks
-            are listed by :func:`tokenmerge.skipped_blocks`.
+        min_tokens: the merge floor; None (default) = automatic per device (see :class:`MethodConfig`).
     """
 
     ratio: float = 0.5
