@@ -5,6 +5,7 @@ The plans' share of the step is ``(block FLOPs - level FLOPs) / (1 - 1/blocks)``
 level-shared plan does not repeat (SD 1.5's top level runs 5 transformer blocks).
 
     python benchmarks/plan_flops.py --sizes 512,1024,2048 --ratios 0.5,0.75
+    python benchmarks/plan_flops.py --sizes 2048 --match-windows 1,2   # adds ToMe rows with match_window
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="512,1024,2048")
     parser.add_argument("--ratios", default="0.5")
     parser.add_argument("--blocks", type=int, default=5, help="transformer blocks at the patched level")
+    parser.add_argument("--match-windows", default="", help="also ToMe with these match_window values, e.g. 1,2")
     args = parser.parse_args()
     meta = torch.device("meta")
     unet = bench.build_denoiser(bench.model_config(args.model), meta, torch.float32)
@@ -39,9 +41,13 @@ def main() -> None:
         base = bench.count_flops(step)
         importance = torch.rand(size // 8, size // 8)
         for ratio in map(float, args.ratios.split(",")):
-            for name, make in (("ToMe", lambda **kw: ToMe(ratio=ratio, use_rand=False, **kw)),
-                               ("ImportanceMerge", lambda **kw: ImportanceMerge(
-                                   ratio=ratio, importance=importance, prune_steps=0.0, **kw))):
+            methods = [("ToMe", lambda **kw: ToMe(ratio=ratio, use_rand=False, **kw)),
+                       ("ImportanceMerge", lambda **kw: ImportanceMerge(
+                           ratio=ratio, importance=importance, prune_steps=0.0, **kw))]
+            methods += [(f"ToMe match_window={w}", lambda w=w, **kw: ToMe(
+                ratio=ratio, use_rand=False, match_window=w, **kw))
+                for w in map(int, filter(None, args.match_windows.split(",")))]
+            for name, make in methods:
                 flops = {}
                 for share in ("block", "level"):
                     with tokenmerge.patched(unet, make(share_plan=share)):

@@ -56,6 +56,9 @@ class ImportanceMerge(MethodConfig):
         independent_from: ``"pool"`` (the paper) or ``"all"`` (the ablation "global ind.").
         match: ``"features"`` (cosine similarity, the paper on SD) or ``"grid"`` (nearest on the token grid,
             the paper on PixArt, Appendix B; the PixArt preset's default).
+        match_window: must stay None (every destination). ToMe's and ToFu's window relies on one destination per
+            cell; here the destinations are drawn from the importance pool, so a cell neighbourhood can hold
+            none (a source with no destination) or many (slots sized by a data-dependent count, a host sync).
         max_downsample: patch attention levels up to this downsampling (1, 2, 4 or 8), counted from the
             highest-resolution level that has attention; 1 = that level only (the paper's placement).
         merge_attn: merge around self-attention (``attn1``).
@@ -78,6 +81,7 @@ class ImportanceMerge(MethodConfig):
     dst_selection: str = "random"
     independent_from: str = "pool"
     match: str = "features"
+    match_window: None = None
     max_downsample: int = 1
     merge_attn: bool = True
     merge_crossattn: bool = False
@@ -99,6 +103,12 @@ class ImportanceMerge(MethodConfig):
                 f"ImportanceMerge.independent_from must be one of {INDEPENDENT_FROM}, got {self.independent_from!r}"
             )
         check_match(self)
+        if self.match_window is not None:
+            raise ValueError(
+                f"ImportanceMerge.match_window must be None, got {self.match_window!r}: a matching window needs one "
+                "destination per cell (ToMe, ToFu), and ImportanceMerge draws its destinations from the importance "
+                "pool, so a neighbourhood may hold no destination at all"
+            )
         imp = self.importance
         is_map = isinstance(imp, torch.Tensor) and imp.ndim in (2, 3)
         if not (is_map or callable(imp) or (isinstance(imp, str) and imp in SIGNALS)):

@@ -3,11 +3,15 @@
 ``match="grid"`` is the importance paper's setting for PixArt (Appendix B: "using pixel location distance of
 tokens yields better results than feature similarity"): each source goes to its nearest destination on the
 token grid, and "most similar" means "closest". It needs no feature matmul at all.
+
+``match_window=w`` (ToMe, ToFu) compares a source only with the destinations of the ``(2w+1) x (2w+1)`` cells
+around its own (:func:`nearest_in_window`): ``O(N (2w+1)^2 C)`` instead of ToMe's ``O(N^2 C / 4)``.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..plan import gather_tokens, nearest_destination
 
@@ -20,6 +24,16 @@ def check_match(config: object) -> None:
         raise ValueError(
             f"{type(config).__name__}.match must be one of {MATCHES} (cosine similarity of the tokens, or their "
             f"distance on the token grid), got {config.match!r}"
+        )
+
+
+def check_match_window(config: object) -> None:
+    """Raise ``ValueError`` naming the field unless ``config.match_window`` is None or an int >= 0."""
+    value = config.match_window
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(
+            f"{type(config).__name__}.match_window must be None (every destination) or an int >= 0 (destinations "
+            f"whose cell is within that many cells in each direction), got {value!r}"
         )
 
 
@@ -60,3 +74,97 @@ def nearest_on_grid(src: torch.Tensor, dst: torch.Tensor, width: int,
         best.append(value.neg_())
         where.append(index)
     return torch.cat(best, dim=1), torch.cat(where, dim=1)
+
+
+def window_candidates(tokens: torch.Tensor, grid: tuple[int, int], sy: int, sx: int, window: int) -> torch.Tensor:
+    """``(..., (2w+1)^2)`` positions within the cell destinations of the cells around each token's cell.
+
+    The destinations are :func:`~tokenmerge.plan.cell_destinations`'s: one per full ``sy x sx`` cell, in raster
+    order, so a destination's position *is* its cell's index and the candidates follow from the token's
+    coordinates alone (no search). A token in a partial edge cell belongs to the last full cell. Neighbours
+    beyond the border are clamped to the nearest valid cell (a repeated candidate, harmless for a maximum),
+    which keeps the tensor fixed-size: no mask, no host sync.
+    """
+    height, width = grid
+    cells_y, cells_x = height // sy, width // sx
+    cell_y = (tokens // width // sy).clamp_max(cells_y - 1)
+    cell_x = (tokens % width // sx).clamp_max(cells_x - 1)
+    offsets = torch.arange(-window, window + 1, device=tokens.device)
+    near_y = (cell_y[..., None, None] + offsets[:, None]).clamp_(0, cells_y - 1)
+    near_x = (cell_x[..., None, None] + offsets[None, :]).clamp_(0, cells_x - 1)
+    return (near_y * cells_x + near_x).flatten(-2)
+
+
+def nearest_in_window(x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, grid: tuple[int, int], sy: int,
+                      sx: int, window: int, match: str = "features",
+                      max_elements: int = 1 << 26) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`nearest` restricted to the destinations within ``window`` cells (each direction) of a source's cell.
+
+    ``dst`` must be the cell destinations (one per full ``sy x sx`` cell, raster order). Costs
+    ``O(N (2w+1)^2 C)``, never ``S x D``. Ties go to the lowest destination position, as ``max`` does in the
+    global matching, so a window covering the whole cell grid finds the same destinations (up to float
+    rounding of the dot products).
+    """
+    batch = x.shape[0]
+    candidates = window_candidates(src, grid, sy, sx, window)  # (1 or B, S, K)
+    if match == "grid":
+        width = grid[1]
+        dst_tokens = dst.gather(1, candidates.flatten(1)).view_as(candidates)
+        dy = (src // width)[..., None] - dst_tokens // width
+        dx = (src % width)[..., None] - dst_tokens % width
+        similarity = (dy * dy + dx * dx).neg_().float()
+    else:
+        every = window_similarity(x, dst, grid, sy, sx, window, max_elements)  # (B, N, K)
+        similarity = every.gather(1, src.expand(batch, -1)[..., None].expand(-1, -1, every.shape[-1]))
+    best = similarity.max(dim=-1).values
+    lowest = torch.where(similarity == best[..., None], candidates, dst.shape[1]).amin(dim=-1)
+    return best.expand(batch, -1), lowest.expand(batch, -1)
+
+
+def window_similarity(x: torch.Tensor, dst: torch.Tensor, grid: tuple[int, int], sy: int, sx: int, window: int,
+                      max_elements: int = 1 << 26) -> torch.Tensor:
+    """``(B, N, K)`` cosine similarity of every token to the ``K = (2w+1)^2`` candidates of its cell.
+
+    The tokens of one cell share their candidates, so a full cell is one small matmul
+    ``(sy*sx, C) @ (C, K)``: the candidates are gathered once per cell (not per token), in chunks of at most
+    ``max_elements`` gathered values. The few tokens of the partial edge cells are gathered one by one.
+    """
+    batch, num_tokens, channels = x.shape
+    height, width = grid
+    cells_y, cells_x = height // sy, width // sx
+    cells = cells_y * cells_x
+    x = F.normalize(x, dim=-1)
+    flat_dst = gather_tokens(x, dst.expand(batch, -1)).reshape(batch * cells, channels)
+    offsets = torch.arange(batch, device=x.device)[:, None, None] * cells
+
+    full = x.view(batch, height, width, channels)[:, : cells_y * sy, : cells_x * sx]
+    full = full.reshape(batch, cells_y, sy, cells_x, sx, channels).permute(0, 1, 3, 2, 4, 5)
+    full = full.reshape(batch * cells, sy * sx, channels)
+    corner = (torch.arange(cells_y, device=x.device)[:, None] * sy * width
+              + torch.arange(cells_x, device=x.device)[None, :] * sx).reshape(1, -1)
+    rows = (window_candidates(corner, grid, sy, sx, window) + offsets).reshape(batch * cells, -1)
+    k = rows.shape[-1]
+    step = max(1, max_elements // (k * channels))
+    parts = [torch.bmm(full[i : i + step], flat_dst.index_select(0, rows[i : i + step].reshape(-1))
+                       .view(-1, k, channels).transpose(1, 2)) for i in range(0, batch * cells, step)]
+    similarity = x.new_empty(batch, height, width, k)
+    similarity[:, : cells_y * sy, : cells_x * sx] = (
+        torch.cat(parts).view(batch, cells_y, cells_x, sy, sx, k).permute(0, 1, 3, 2, 4, 5)
+        .reshape(batch, cells_y * sy, cells_x * sx, k))
+    similarity = similarity.view(batch, num_tokens, k)
+
+    # The partial edge cells, from the grid's sizes alone (a boolean mask would sync with the host on CUDA).
+    right = (torch.arange(cells_y * sy, device=x.device)[:, None] * width
+             + torch.arange(cells_x * sx, width, device=x.device)[None, :]).reshape(-1)
+    edge = torch.cat([right, torch.arange(cells_y * sy * width, num_tokens, device=x.device)])
+    if edge.numel():
+        edge_rows = (window_candidates(edge[None], grid, sy, sx, window) + offsets).reshape(-1)
+        edge_dst = flat_dst.index_select(0, edge_rows).view(batch * edge.numel(), k, channels)
+        edge_x = x.index_select(1, edge).reshape(batch * edge.numel(), 1, channels)
+        similarity[:, edge] = torch.bmm(edge_x, edge_dst.transpose(1, 2)).view(batch, -1, k)
+    return similarity
+
+
+def window_covers(grid: tuple[int, int], sy: int, sx: int, window: int | None) -> bool:
+    """Whether every source's window holds every cell (None = no window): the global matching is then the same."""
+    return window is None or window >= max(grid[0] // sy, grid[1] // sx) - 1

@@ -114,6 +114,9 @@ class ToFu(MethodConfig):
         use_rand: draw each cell's destination at random (True) or use its top-left token. As in
             tomesd, odd batch sizes (no CFG pair) always use the top-left token.
         match: ``"features"`` (cosine similarity) or ``"grid"`` (nearest destination on the token grid).
+        match_window: None (default; tomesd): every source is compared with every destination, ``O(N^2)``. An
+            int ``w``: only with the destinations of the cells within ``w`` cells of its own in each direction
+            (``(2w+1)^2`` candidates, ``O(N)``; outputs change unless the window covers the whole cell grid).
         merge_attn: reduce around self-attention (``attn1``).
         merge_crossattn: reduce the queries of cross-attention (``attn2``).
         merge_mlp: reduce around the feed-forward (``ff``).
@@ -134,6 +137,7 @@ class ToFu(MethodConfig):
     sy: int = 2
     use_rand: bool = True
     match: str = "features"
+    match_window: int | None = None
     merge_attn: bool = True
     merge_crossattn: bool = False
     merge_mlp: bool = False
@@ -173,7 +177,7 @@ class ToFu(MethodConfig):
         return stage == "down_blocks" or (stage == "mid_block" and self.prune_blocks == "down_mid")
 
     def make_plan(self, x: torch.Tensor, ctx: PlanContext) -> MergePlan | None:
-        matching = cell_matching(x, ctx, self.ratio, self.sx, self.sy, self.use_rand, self.match)
+        matching = cell_matching(x, ctx, self.ratio, self.sx, self.sy, self.use_rand, self.match, self.match_window)
         if matching is None:
             return None
         prune = self.prunes(ctx.block)

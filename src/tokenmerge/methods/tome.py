@@ -20,7 +20,7 @@ import torch
 
 from ..plan import MergePlan, cell_destinations, complement, plan_from_matching
 from .base import MethodConfig, PlanContext
-from .matching import check_match, nearest
+from .matching import check_match, check_match_window, nearest, nearest_in_window, window_covers
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,9 @@ class ToMe(MethodConfig):
             tomesd, odd batch sizes (no CFG pair) always use the top-left token.
         match: ``"features"`` (cosine similarity, tomesd) or ``"grid"`` (nearest destination on the token
             grid; the importance paper's setting on PixArt, which the PixArt preset uses).
+        match_window: None (default; tomesd): every source is compared with every destination, ``O(N^2)``. An
+            int ``w``: only with the destinations of the cells within ``w`` cells of its own in each direction
+            (``(2w+1)^2`` candidates, ``O(N)``; outputs change unless the window covers the whole cell grid).
         merge_attn: merge around self-attention (``attn1``).
         merge_crossattn: merge the queries of cross-attention (``attn2``).
         merge_mlp: merge around the feed-forward (``ff``).
@@ -55,6 +58,7 @@ class ToMe(MethodConfig):
     sy: int = 2
     use_rand: bool = True
     match: str = "features"
+    match_window: int | None = None
     merge_attn: bool = True
     merge_crossattn: bool = False
     merge_mlp: bool = False
@@ -78,7 +82,7 @@ class ToMe(MethodConfig):
         return self.uses_rng  # a new run reseeds the generator; nothing else depends on the step
 
     def make_plan(self, x: torch.Tensor, ctx: PlanContext) -> MergePlan | None:
-        matching = cell_matching(x, ctx, self.ratio, self.sx, self.sy, self.use_rand, self.match)
+        matching = cell_matching(x, ctx, self.ratio, self.sx, self.sy, self.use_rand, self.match, self.match_window)
         return None if matching is None else plan_from_matching(*matching, x.shape[1])
 
 
@@ -92,16 +96,18 @@ def validate_cells(config: MethodConfig) -> None:
     if config.sx * config.sy == 1:
         raise ValueError(f"{name}: sx * sy must be at least 2 (a 1x1 cell leaves no token to merge); use sx=2, sy=2")
     check_match(config)
+    check_match_window(config)
     config._validate_common()
 
 
 def cell_matching(x: torch.Tensor, ctx: PlanContext, ratio: float, sx: int, sy: int, use_rand: bool,
-                  match: str = "features"):
+                  match: str = "features", match_window: int | None = None):
     """ToMeSD's bipartite matching: ``(dst, kept_src, src, nearest)`` for plan_from_matching, or None.
 
     One destination per ``sy x sx`` cell; the ``int(N * ratio)`` sources most similar to their best
     destination are reduced, the others kept (``kept_src``, positions within ``src``). ``match="grid"``
-    matches by distance on the grid instead of cosine similarity.
+    matches by distance on the grid instead of cosine similarity. ``match_window`` restricts each source's
+    candidates to the destinations of the cells around its own (a window covering the grid is the global matching).
     """
     batch, num_tokens, _ = x.shape
     height, width = ctx.grid
@@ -113,6 +119,9 @@ def cell_matching(x: torch.Tensor, ctx: PlanContext, ratio: float, sx: int, sy: 
     dst = cell_destinations(height, width, sy, sx, generator=ctx.generator if use_rand else None,
                             device=x.device).expand(batch, -1)
     src = complement(dst[:1], num_tokens).expand(batch, -1)
-    similarity, closest = nearest(x, src, dst, ctx.grid, match)
+    if window_covers(ctx.grid, sy, sx, match_window):
+        similarity, closest = nearest(x, src, dst, ctx.grid, match)
+    else:
+        similarity, closest = nearest_in_window(x, src, dst, ctx.grid, sy, sx, match_window, match)
     order = similarity.argsort(dim=-1, descending=True)
     return dst, order[:, reduced:], src, closest
