@@ -146,3 +146,16 @@ def test_blocks_below_min_tokens_are_reported(tmp_path):
     assert "min_tokens" not in sd15["tome"]["note"] and float(sd15["tome"]["flop_bound"]) > 1  # 8x8 = 64 tokens
     assert "block(s) below the automatic floor (cpu: 64 tokens) not merged (16 tokens)" in sdxl["tome"]["note"]
     assert "merges nothing" in sdxl["tome"]["note"]
+
+
+def test_placement_and_matching_options_reach_the_configs(tmp_path):
+    """--max-downsample, --min-tokens and --match-window set those fields of every tokenmerge method."""
+    rows = run_bench(tmp_path, "--models", "sd15", "--methods", "tome,importance", "--match-window", "1")
+    methods = by_method(rows, "sd15")
+    assert float(methods["tome"]["gflops"]) < float(methods["unpatched"]["gflops"])
+    assert methods["importance"]["status"] == "invalid" and "match_window" in methods["importance"]["note"]
+    base = by_method(run_bench(tmp_path / "base", "--models", "sdxl", "--methods", "tome"), "sdxl")
+    deeper = by_method(run_bench(tmp_path / "deep", "--models", "sdxl", "--methods", "tome",
+                                 "--max-downsample", "2", "--min-tokens", "0"), "sdxl")
+    assert float(deeper["tome"]["gflops"]) < float(base["tome"]["gflops"])  # a second level merged
+    assert "--max-downsample 2 --min-tokens 0" in (tmp_path / "deep" / "bench.md").read_text()

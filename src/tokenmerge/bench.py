@@ -184,13 +184,16 @@ def tomesd_patched(denoiser: nn.Module, ratio: float, use_rand: bool) -> Iterato
 
 
 def method_config(method: str, ratio: float, latent: int, device: torch.device, use_rand: bool, seed: int,
-                  share_plan: str = "block", max_downsample: int | None = None, min_tokens: int | None = None):
+                  share_plan: str = "block", max_downsample: int | None = None, min_tokens: int | None = None,
+                  match_window: int | None = None):
     """The tokenmerge config of a method; ImportanceMerge's importance is a fixed random map on ``device``."""
     options = {} if share_plan == "block" else {"share_plan": share_plan}  # ReToM has no share_plan field
     if max_downsample is not None:
         options["max_downsample"] = max_downsample
     if min_tokens is not None:
         options["min_tokens"] = min_tokens
+    if match_window is not None:
+        options["match_window"] = match_window
     if method == "tome":
         return ToMe(ratio=ratio, use_rand=use_rand, seed=seed, **options)
     if method == "importance":
@@ -204,7 +207,7 @@ def method_config(method: str, ratio: float, latent: int, device: torch.device, 
 
 def make_variant(method: str, ratio: float | None, denoiser: nn.Module, latent: int, device: torch.device,
                  use_rand: bool, seed: int, share_plan: str = "block", max_downsample: int | None = None,
-                 min_tokens: int | None = None) -> Variant:
+                 min_tokens: int | None = None, match_window: int | None = None) -> Variant:
     """A variant to time; tokenmerge methods planned per level are named ``METHOD+level``."""
     if method == UNPATCHED:
         return Variant(method, None, lambda model: contextlib.nullcontext())
@@ -219,7 +222,8 @@ def make_variant(method: str, ratio: float | None, denoiser: nn.Module, latent: 
         return Variant(method, ratio, lambda model: tomesd_patched(model, ratio, use_rand), note=note)
     name = method if share_plan == "block" else f"{method}+{share_plan}"
     try:
-        config = method_config(method, ratio, latent, device, use_rand, seed, share_plan, max_downsample, min_tokens)
+        config = method_config(method, ratio, latent, device, use_rand, seed, share_plan, max_downsample, min_tokens,
+                               match_window)
     except ValueError as err:  # e.g. a ratio out of the method's range
         return Variant(name, ratio, status="invalid", note=str(err).splitlines()[0])
     try:
@@ -317,7 +321,7 @@ def bench_resolution(denoiser: nn.Module, size: int, args: argparse.Namespace) -
 
     variants = [make_variant(UNPATCHED, None, denoiser, size // 8, args.device, args.use_rand, args.seed)]
     variants += [make_variant(method, ratio, denoiser, size // 8, args.device, args.use_rand, args.seed, share,
-                              args.max_downsample, args.min_tokens)
+                              args.max_downsample, args.min_tokens, args.match_window)
                  for ratio in args.ratios for method in args.methods if method != UNPATCHED
                  for share in (args.share_plan if method not in (UNPATCHED, "tomesd") else ("block",))]
     runnable = [v for v in variants if v.status == "ok"]
@@ -485,6 +489,7 @@ def command_line(args: argparse.Namespace) -> str:
             f"--warmup {args.warmup} --images {args.images} "
             f"{f'--max-downsample {args.max_downsample} ' if args.max_downsample else ''}"
             f"{f'--min-tokens {args.min_tokens} ' if args.min_tokens is not None else ''}"
+            f"{f'--match-window {args.match_window} ' if args.match_window is not None else ''}"
             f"--{'' if args.use_rand else 'no-'}use-rand --device {args.device} --dtype {args.dtype_name} "
             f"--seed {args.seed}{' --tiny' if args.tiny else ''} --out {args.out}")
 
@@ -538,6 +543,9 @@ def register(commands) -> argparse.ArgumentParser:
     bench.add_argument("--min-tokens", type=at_least(0), default=None,
                        help="tokenmerge methods' min_tokens field: merge only blocks with at least this many tokens "
                             "(0: every block; default: the automatic floor of the device, docs/methods.md)")
+    bench.add_argument("--match-window", type=at_least(0), default=None,
+                       help="ToMe/ToFu match_window field: match each source within this many cells of its own "
+                            "(O(N) plans; default: every destination, tomesd's matching)")
     bench.add_argument("--share-plan", type=share_modes, default=("block",),
                        help="plan per block and/or per U-Net level (share_plan field), e.g. block,level: each "
                             "tokenmerge method runs once per mode; level variants are named METHOD+level "
