@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import tokenmerge
 from tokenmerge import bench, cli
 
 
@@ -61,6 +62,36 @@ def test_tomesd_runs_beside_tokenmerge_on_unets_and_transformers_merge_with_thei
             assert transformer[method]["status"] == "ok" and float(transformer[method]["flop_bound"]) > 1
 
 
+def test_lcm_and_animatediff_run_with_their_own_inputs_and_merging_cuts_flops(tmp_path):
+    rows = run_bench(tmp_path, "--models", "lcm,animatediff", "--methods", "unpatched,tomesd,tome,importance")
+    lcm, video = by_method(rows, "lcm"), by_method(rows, "animatediff")
+    assert lcm["tomesd"]["status"] == "ok" and float(lcm["tomesd"]["flop_bound"]) > 1  # an SD 1.5 U-Net to tomesd
+    assert video["tomesd"]["status"] == "skipped" and "image U-Nets only" in video["tomesd"]["note"]
+    for model in (lcm, video):
+        assert model["unpatched"]["status"] == "ok"
+        for method in ("tome", "importance"):
+            assert model[method]["status"] == "ok"
+            assert float(model["unpatched"]["gflops"]) > float(model[method]["gflops"]) > 0
+    assert "lcm: 1 (no CFG)" in (tmp_path / "bench.md").read_text()
+
+
+def test_family_step_inputs_and_the_lcm_importance_preset():
+    lcm = bench.build_denoiser(bench.model_config("lcm", tiny=True), "cpu", torch.float32)
+    args, kwargs = bench.step_inputs(lcm, 128, 2, torch.device("cpu"), torch.float32)
+    assert args[0].shape == (2, 4, 16, 16) and args[2].shape == (2, 77, 32)  # no CFG: batch = images
+    assert kwargs["timestep_cond"].shape == (2, lcm.config.time_cond_proj_dim)
+    video = bench.build_denoiser(bench.model_config("animatediff", tiny=True), "cpu", torch.float32)
+    args, kwargs = bench.step_inputs(video, 128, 1, torch.device("cpu"), torch.float32)
+    assert args[0].shape == (2, 4, bench.VIDEO_FRAMES, 16, 16) and kwargs == {}  # CFG batch of 2, 16 frames
+    assert args[2].shape == (2 * bench.VIDEO_FRAMES, 77, 32)  # text per frame, as AnimateDiffPipeline passes it
+    cpu = torch.device("cpu")
+    # LCM keeps its preset's signal (no CFG to take |eps_cond - eps_uncond| from); the others get a random map.
+    config = bench.method_config("importance", 0.5, 16, cpu, True, 0, family="lcm")
+    with tokenmerge.patched(lcm, config):
+        assert tokenmerge.current_config(lcm).importance == "crossattn"
+    assert bench.method_config("importance", 0.5, 16, cpu, True, 0, family="animatediff").importance.shape == (16, 16)
+
+
 def test_a_ratio_out_of_a_methods_range_is_reported_as_invalid(tmp_path):
     rows = run_bench(tmp_path, "--models", "sd15", "--methods", "tome", "--ratios", "0.8")
     assert by_method(rows, "sd15")["tome"]["status"] == "invalid"
@@ -81,6 +112,14 @@ def test_a_ratio_out_of_a_methods_range_is_reported_as_invalid(tmp_path):
     # DiT-XL/2 has 675 M parameters; diffusers' DiT keeps a timestep/class embedder in every block's adaLN-Zero.
     ("dit", dict(num_layers=28, patch_size=2, sample_size=32, norm_type="ada_norm_zero", num_attention_heads=16,
                  attention_head_dim=72, out_channels=8, params=749_826_464)),
+    # SD 1.5 plus the guidance embedding, a 256 -> 320 linear without bias.
+    ("lcm", dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, time_cond_proj_dim=256,
+                 sample_size=64, params=859_520_964 + 256 * 320)),
+    # UNetMotionModel.from_unet2d(SD 1.5, animatediff-motion-adapter-v1-5-2): the U-Net's and the adapter's
+    # 453,209,280 parameters.
+    ("animatediff", dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, layers_per_block=2,
+                         motion_max_seq_length=32, motion_num_attention_heads=8, use_motion_mid_block=True,
+                         sample_size=64, params=859_520_964 + 453_209_280)),
 ])
 def test_shipped_full_size_configs_build_their_diffusers_classes(model, expected):
     denoiser = bench.build_denoiser(bench.model_config(model), "meta", torch.float16)
@@ -93,8 +132,8 @@ def test_shipped_full_size_configs_build_their_diffusers_classes(model, expected
     if model == "sd21":  # 64-dim heads: 320 channels / 5 heads
         attn = denoiser.down_blocks[0].attentions[0].transformer_blocks[0].attn1
         assert attn.inner_dim // attn.heads == 64
-    if model in ("pixart", "dit"):
-        assert type(denoiser).__name__ == {"pixart": "PixArtTransformer2DModel", "dit": "DiTTransformer2DModel"}[model]
+    classes = {"pixart": "PixArtTransformer2DModel", "dit": "DiTTransformer2DModel", "animatediff": "UNetMotionModel"}
+    assert type(denoiser).__name__ == classes.get(model, "UNet2DConditionModel")
 
 
 def test_bad_names_list_the_known_ones(capsys):

@@ -5,8 +5,9 @@
 The denoisers are built from the architecture configs shipped in ``tokenmerge/configs`` (no weights are
 downloaded: the weights are random, which does not change the cost of a step). For every model and
 resolution, every variant (method x ratio, and the unpatched baseline) runs one step on a CFG batch
-(``[uncond; cond]``, batch ``2 x --images``): warm-up, then ``--repeats`` interleaved rounds (one run of each
-variant per round), so that drifts of the machine hit all variants alike. Per variant it reports:
+(``[uncond; cond]``, batch ``2 x --images``; LCM: ``--images``, no CFG; AnimateDiff: videos of 16 frames; each
+family's inputs come from its function in ``FAMILY_INPUTS``): warm-up, then ``--repeats`` interleaved rounds
+(one run of each variant per round), so that drifts of the machine hit all variants alike. Per variant it reports:
 
 * time: median, min and max of the runs; CUDA events on GPU (the bench syncs only on the end event; the
   U-Net itself copies its CPU timestep to the device first thing, when nothing is queued yet),
@@ -17,9 +18,10 @@ variant per round), so that drifts of the machine hit all variants alike. Per va
   not elementwise ops, gathers or sorting), the FLOP-bound speed-up ``unpatched FLOPs / variant FLOPs``
   and the achieved fraction of it, ``speed-up / FLOP bound``.
 
-``tomesd`` runs side by side on U-Nets (``tomesd.apply_patch`` with the same ratio and ``use_rand``).
+``tomesd`` runs side by side on image U-Nets, LCM included (``tomesd.apply_patch``, same ratio and ``use_rand``).
 ImportanceMerge gets a fixed random importance map and ``prune_steps=0``, so its single step is in the
-merge phase. Transformers (PixArt-alpha, DiT-XL/2) are patched with their family presets (the middle half of
+merge phase; on LCM it keeps its preset's ``importance="crossattn"`` (a first step: destinations per 2x2 cell).
+Transformers (PixArt-alpha, DiT-XL/2) are patched with their family presets (the middle half of
 the blocks; ``tokenmerge.presets``). A method that does not apply to a model (``tokenmerge.apply`` raises
 ``ValueError``) is reported as ``unsupported`` instead of stopping the run.
 Writes ``bench.md``, ``bench.csv`` and ``bench.png`` under ``--out``.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import json
 import os
 import statistics
@@ -47,13 +50,14 @@ from .api import apply, patched, remove, skipped_blocks
 from .cli import METHODS as CONFIGS
 from .cli import at_least, number_list
 from .methods import ImportanceMerge, ToMe
+from .presets import preset
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     title: str
     config_file: str  # under tokenmerge/configs
-    tiny_kind: str  # tokenmerge.tiny U-Net kind, or "pixart" / "dit" for --tiny
+    tiny_kind: str  # tokenmerge.tiny U-Net kind, or "lcm" / "animatediff" / "pixart" / "dit" for --tiny
     gpu_sizes: tuple[int, ...]  # default resolutions on GPU; the first is the model's native one
 
 
@@ -63,12 +67,15 @@ MODELS = {
     "sdxl": ModelSpec("SDXL", "sdxl_unet.json", "sdxl", (1024, 2048)),
     "pixart": ModelSpec("PixArt-alpha", "pixart_alpha_transformer.json", "pixart", (1024,)),
     "dit": ModelSpec("DiT-XL/2", "dit_xl2_256_transformer.json", "dit", (256, 512)),
+    "lcm": ModelSpec("LCM (SD 1.5)", "lcm_sd15_unet.json", "lcm", (512, 1024)),
+    "animatediff": ModelSpec("AnimateDiff (SD 1.5)", "animatediff_sd15_unet.json", "animatediff", (512,)),
 }
 METHODS = ("unpatched", "tomesd", "tome", "importance", "retom", "sito", "tofu")
 UNPATCHED = "unpatched"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TINY_SIZE = 128  # the tiny configs' sample_size (16) x 8
-TEXT_TOKENS = {"UNet2DConditionModel": 77, "PixArtTransformer2DModel": 120}  # CLIP / PixArt's T5 length
+TEXT_TOKENS = {"UNet2DConditionModel": 77, "UNetMotionModel": 77, "PixArtTransformer2DModel": 120}  # CLIP / T5
+VIDEO_FRAMES = 16  # AnimateDiff: frames per video (the adapters' training length)
 CPU_DEFAULTS = dict(models=("sd15",), ratios=(0.5,), methods=("unpatched", "tomesd", "tome", "importance"),
                     repeats=3, warmup=1)
 GPU_DEFAULTS = dict(models=tuple(MODELS), ratios=(0.3, 0.5, 0.7, 0.75),
@@ -93,13 +100,16 @@ def model_config(name: str, tiny: bool = False) -> dict:
     """The diffusers config (``_class_name`` included) of a model: shipped full-size, or tiny."""
     spec = MODELS[parse_names(name, MODELS, "model")[0]]
     if tiny:
-        from .tiny import DIT_CONFIG, PIXART_CONFIG, unet_config
+        from .tiny import DIT_CONFIG, LCM_TIME_COND_DIM, MOTION_CONFIG, PIXART_CONFIG, unet_config
 
-        if spec.tiny_kind == "pixart":
-            return {"_class_name": "PixArtTransformer2DModel", **PIXART_CONFIG}
-        if spec.tiny_kind == "dit":
-            return {"_class_name": "DiTTransformer2DModel", **DIT_CONFIG}
-        return {"_class_name": "UNet2DConditionModel", **unet_config(spec.tiny_kind)}
+        tiny_configs = {
+            "pixart": ("PixArtTransformer2DModel", PIXART_CONFIG),
+            "dit": ("DiTTransformer2DModel", DIT_CONFIG),
+            "lcm": ("UNet2DConditionModel", {**unet_config("sd1"), "time_cond_proj_dim": LCM_TIME_COND_DIM}),
+            "animatediff": ("UNetMotionModel", MOTION_CONFIG),
+        }
+        class_name, config = tiny_configs.get(spec.tiny_kind) or ("UNet2DConditionModel", unet_config(spec.tiny_kind))
+        return {"_class_name": class_name, **config}
     return json.loads(resources.files("tokenmerge").joinpath("configs", spec.config_file).read_text())
 
 
@@ -118,40 +128,110 @@ def is_unet(denoiser: nn.Module) -> bool:
     return type(denoiser).__name__ == "UNet2DConditionModel"
 
 
+def family(denoiser: nn.Module) -> str:
+    """The denoiser's tokenmerge family (``sd``, ``lcm``, ``animatediff``, ``pixart``, ``dit``)."""
+    from .models import adapter_for
+
+    return adapter_for(denoiser).family
+
+
+def cfg_batch(denoiser: nn.Module, images: int) -> int:
+    """The batch of one step: ``[uncond; cond]`` (``2 * images``), or ``images`` for LCM (no CFG)."""
+    return images if family(denoiser) == "lcm" else 2 * images
+
+
 def step_inputs(denoiser: nn.Module, size: int | tuple[int, int], images: int, device: torch.device, dtype: torch.dtype,
                 seed: int = 0) -> tuple[tuple, dict]:
-    """Arguments of one denoiser call on a CFG batch of ``2 * images`` at ``size`` pixels (latent = size / 8);
-    ``size`` is one side of a square or ``(height, width)``.
+    """Arguments of one denoiser call on the family's batch (:func:`cfg_batch`) of ``images`` at ``size`` pixels
+    (latent = size / 8); ``size`` is one side of a square or ``(height, width)``. One function per family
+    (``FAMILY_INPUTS``) builds them.
 
     The latent goes first and positionally (tomesd reads ``args[0]``). The U-Net timestep is a CPU tensor:
     tokenmerge's step clock reads it without a device-to-host sync, and the U-Net copies it to the device
     first thing in its forward, when nothing but the start event is queued.
     """
     height, width = (size, size) if isinstance(size, int) else size
-    config, latent, batch = denoiser.config, (height // 8, width // 8), 2 * images
+    config, latent = denoiser.config, (height // 8, width // 8)
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(device, dtype)
 
-    if not is_unet(denoiser) and (latent[0] % config.patch_size or latent[1] % config.patch_size):
+    if not is_unet(denoiser) and hasattr(config, "patch_size") and (latent[0] % config.patch_size
+                                                                     or latent[1] % config.patch_size):
         raise ValueError(f"{type(denoiser).__name__}: size {size} is not a multiple of {8 * config.patch_size}")
-    if type(denoiser).__name__ == "DiTTransformer2DModel":  # class-conditional: [cond; null class], as DiTPipeline
-        labels = torch.tensor([1] * images + [1000] * images, device=device)
-        return (randn(batch, config.in_channels, *latent), torch.full((batch,), 500, device=device), labels), {}
-    text = randn(batch, TEXT_TOKENS[type(denoiser).__name__],
-                 config.cross_attention_dim if is_unet(denoiser) else config.caption_channels)
-    if is_unet(denoiser):
-        kwargs = {}
-        if config.addition_embed_type == "text_time":  # SDXL: pooled text embedding and 6 size/crop ids
-            pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-            time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=dtype, device=device)
-            kwargs["added_cond_kwargs"] = {"text_embeds": randn(batch, pooled), "time_ids": time_ids.expand(batch, 6)}
-        return (randn(batch, config.in_channels, *latent), torch.tensor(500), text), kwargs
-    conditions = {"resolution": torch.tensor([[height, width]] * batch, dtype=dtype, device=device),
-                  "aspect_ratio": torch.ones(batch, 1, dtype=dtype, device=device)}
-    timestep = torch.full((batch,), 500, device=device)
-    return (randn(batch, config.in_channels, *latent), text, timestep), {"added_cond_kwargs": conditions}
+    name = family(denoiser)
+    return FAMILY_INPUTS[name](StepShape(denoiser, height, width, cfg_batch(denoiser, images), device, dtype, randn))
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What a family's input builder needs: the denoiser, the image size, the batch and a seeded ``randn``."""
+
+    denoiser: nn.Module
+    height: int
+    width: int
+    batch: int
+    device: torch.device
+    dtype: torch.dtype
+    randn: Callable[..., torch.Tensor]
+
+    @property
+    def latent(self) -> tuple[int, int]:
+        return self.height // 8, self.width // 8
+
+    def text(self, width: int) -> torch.Tensor:
+        """Random text-encoder states of the family's prompt length (CLIP 77, PixArt's T5 120)."""
+        return self.randn(self.batch, TEXT_TOKENS[type(self.denoiser).__name__], width)
+
+
+def sd_inputs(s: StepShape) -> tuple[tuple, dict]:
+    """SD 1.x / 2.x / SDXL U-Net: latent, CPU timestep, CLIP states; SDXL adds its pooled embedding and size ids."""
+    config, kwargs = s.denoiser.config, {}
+    if config.addition_embed_type == "text_time":  # SDXL: pooled text embedding and 6 size/crop ids
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        time_ids = torch.tensor([s.height, s.width, 0, 0, s.height, s.width], dtype=s.dtype, device=s.device)
+        kwargs["added_cond_kwargs"] = {"text_embeds": s.randn(s.batch, pooled), "time_ids": time_ids.expand(s.batch, 6)}
+    latent = s.randn(s.batch, config.in_channels, *s.latent)
+    return (latent, torch.tensor(500), s.text(config.cross_attention_dim)), kwargs
+
+
+def lcm_inputs(s: StepShape) -> tuple[tuple, dict]:
+    """LCM U-Net: no CFG (batch = images); the guidance-scale embedding goes in as ``timestep_cond``."""
+    args, kwargs = sd_inputs(s)
+    return args, {**kwargs, "timestep_cond": s.randn(s.batch, s.denoiser.config.time_cond_proj_dim)}
+
+
+def animatediff_inputs(s: StepShape) -> tuple[tuple, dict]:
+    """AnimateDiff ``UNetMotionModel``: a 5-D latent ``(batch, C, frames, H, W)`` of ``VIDEO_FRAMES`` frames; the
+    text states are repeated per frame (``batch * frames`` rows), as ``AnimateDiffPipeline`` passes them."""
+    config = s.denoiser.config
+    latent = s.randn(s.batch, config.in_channels, VIDEO_FRAMES, *s.latent)
+    text = s.text(config.cross_attention_dim).repeat_interleave(VIDEO_FRAMES, dim=0)
+    return (latent, torch.tensor(500), text), {}
+
+
+def pixart_inputs(s: StepShape) -> tuple[tuple, dict]:
+    """PixArt-alpha: latent, T5 states, timestep, and the resolution / aspect-ratio conditions."""
+    config = s.denoiser.config
+    conditions = {"resolution": torch.tensor([[s.height, s.width]] * s.batch, dtype=s.dtype, device=s.device),
+                  "aspect_ratio": torch.ones(s.batch, 1, dtype=s.dtype, device=s.device)}
+    timestep = torch.full((s.batch,), 500, device=s.device)
+    return (s.randn(s.batch, config.in_channels, *s.latent), s.text(config.caption_channels), timestep), {
+        "added_cond_kwargs": conditions}
+
+
+def dit_inputs(s: StepShape) -> tuple[tuple, dict]:
+    """DiT: class-conditional, ``[cond; null class]`` as DiTPipeline."""
+    images = s.batch // 2
+    labels = torch.tensor([1] * images + [1000] * images, device=s.device)
+    latent = s.randn(s.batch, s.denoiser.config.in_channels, *s.latent)
+    return (latent, torch.full((s.batch,), 500, device=s.device), labels), {}
+
+
+FAMILY_INPUTS: dict[str, Callable[[StepShape], tuple[tuple, dict]]] = {
+    "sd": sd_inputs, "lcm": lcm_inputs, "animatediff": animatediff_inputs, "pixart": pixart_inputs, "dit": dit_inputs,
+}
 
 
 # -- variants ---------------------------------------------------------------------------------------
@@ -185,8 +265,9 @@ def tomesd_patched(denoiser: nn.Module, ratio: float, use_rand: bool) -> Iterato
 
 def method_config(method: str, ratio: float, latent: int, device: torch.device, use_rand: bool, seed: int,
                   share_plan: str = "block", max_downsample: int | None = None, min_tokens: int | None = None,
-                  match_window: int | None = None):
-    """The tokenmerge config of a method; ImportanceMerge's importance is a fixed random map on ``device``."""
+                  match_window: int | None = None, family: str = "sd"):
+    """The tokenmerge config of a method; ImportanceMerge's importance is a fixed random map on ``device``, unless
+    the family's preset names a signal (LCM: ``"crossattn"``, no CFG), which is kept."""
     options = {} if share_plan == "block" else {"share_plan": share_plan}  # ReToM has no share_plan field
     if max_downsample is not None:
         options["max_downsample"] = max_downsample
@@ -197,12 +278,14 @@ def method_config(method: str, ratio: float, latent: int, device: torch.device, 
     if method == "tome":
         return ToMe(ratio=ratio, use_rand=use_rand, seed=seed, **options)
     if method == "importance":
-        importance = torch.rand(latent, latent, generator=torch.Generator().manual_seed(seed)).to(device)
-        return ImportanceMerge(ratio=ratio, importance=importance, prune_steps=0.0, seed=seed, **options)
-    try:
-        return CONFIGS[method](ratio=ratio, seed=seed, **options)
-    except TypeError:
-        raise ValueError(f"{CONFIGS[method].__name__} has no share_plan option") from None
+        if "importance" not in preset(family, ImportanceMerge):
+            options["importance"] = torch.rand(latent, latent, generator=torch.Generator().manual_seed(seed)).to(device)
+        return ImportanceMerge(ratio=ratio, prune_steps=0.0, seed=seed, **options)
+    config_class = CONFIGS[method]
+    missing = sorted(set(options) - {field.name for field in dataclasses.fields(config_class)})
+    if missing:
+        raise ValueError(f"{config_class.__name__} has no {', '.join(missing)} field")
+    return config_class(ratio=ratio, seed=seed, **options)
 
 
 def make_variant(method: str, ratio: float | None, denoiser: nn.Module, latent: int, device: torch.device,
@@ -212,8 +295,8 @@ def make_variant(method: str, ratio: float | None, denoiser: nn.Module, latent: 
     if method == UNPATCHED:
         return Variant(method, None, lambda model: contextlib.nullcontext())
     if method == "tomesd":
-        if not is_unet(denoiser):
-            return Variant(method, ratio, status="skipped", note="tomesd patches U-Nets only")
+        if not is_unet(denoiser):  # UNetMotionModel too: tomesd reads the grid from a 4-D latent
+            return Variant(method, ratio, status="skipped", note="tomesd patches image U-Nets only")
         try:
             import tomesd  # noqa: F401
         except ImportError:
@@ -223,7 +306,7 @@ def make_variant(method: str, ratio: float | None, denoiser: nn.Module, latent: 
     name = method if share_plan == "block" else f"{method}+{share_plan}"
     try:
         config = method_config(method, ratio, latent, device, use_rand, seed, share_plan, max_downsample, min_tokens,
-                               match_window)
+                               match_window, family(denoiser))
     except ValueError as err:  # e.g. a ratio out of the method's range
         return Variant(name, ratio, status="invalid", note=str(err).splitlines()[0])
     try:
@@ -552,7 +635,8 @@ def register(commands) -> argparse.ArgumentParser:
                             "(default: block)")
     bench.add_argument("--repeats", type=at_least(1), help="interleaved timed rounds (CPU default 3; GPU 10)")
     bench.add_argument("--warmup", type=at_least(0), help="untimed rounds first (CPU default 1; GPU 3)")
-    bench.add_argument("--images", type=at_least(1), default=1, help="images per step; the batch is 2 x images (CFG)")
+    bench.add_argument("--images", type=at_least(1), default=1,
+                       help="images (videos) per step; the batch is 2 x images (CFG), images for lcm")
     bench.add_argument("--use-rand", action=argparse.BooleanOptionalAction, default=True,
                        help="random destination per 2x2 cell for tomesd and ToMe (default: on, as tomesd)")
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -571,7 +655,8 @@ def run_command(args: argparse.Namespace) -> list[dict]:
     args.out.mkdir(parents=True, exist_ok=True)
     machine = (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
                 else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
-    title = (f"One denoiser step, batch {2 * args.images} (CFG), {machine} {args.dtype_name}, "
+    batch = f"batch {2 * args.images} (CFG)" + (f"; lcm: {args.images} (no CFG)" if "lcm" in args.models else "")
+    title = (f"One denoiser step, {batch}, {machine} {args.dtype_name}, "
              f"{args.warmup} warm-up + {args.repeats} interleaved rounds, torch {torch.__version__}"
              f"{', tiny configs' if args.tiny else ''}\n\n")
     table = markdown_table(rows)

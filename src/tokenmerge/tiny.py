@@ -86,12 +86,15 @@ MOTION_CONFIG = dict(
 )
 
 
+LCM_TIME_COND_DIM = 16  # the tiny LCM's guidance embedding (LCM_Dreamshaper_v7: 256)
+
+
 def tiny_lcm_unet(seed: int = 0):
     """An SD 1.x U-Net with LCM's guidance embedding (``time_cond_proj_dim``): the ``"lcm"`` family."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(**unet_config("sd1"), time_cond_proj_dim=16).eval()
+    return UNet2DConditionModel(**unet_config("sd1"), time_cond_proj_dim=LCM_TIME_COND_DIM).eval()
 
 
 def tiny_pixart(seed: int = 0):
