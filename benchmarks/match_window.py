@@ -11,26 +11,13 @@ the sources the window sends to another destination than the global matching. On
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from tokenmerge import ToMe
 from tokenmerge.methods.base import PlanContext
 
-
-def seconds(fn, device: torch.device, repeats: int) -> float:
-    times = []
-    for _ in range(repeats + 1):  # the first call warms up
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+from merge_floor import seconds  # benchmarks/ is on sys.path when a script here runs
 
 
 def main() -> None:
