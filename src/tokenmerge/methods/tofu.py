@@ -61,7 +61,7 @@ import torch
 
 from ..plan import MergePlan, plan_from_matching
 from .base import MethodConfig, PlanContext
-from .tome import cell_matching, validate_cells
+from .tome import CellMethod, cell_matching, validate_cells
 
 PRUNE_BLOCKS = ("down", "down_mid", "all", "none")
 
@@ -98,7 +98,7 @@ class MlerpPlan(MergePlan):
 
 
 @dataclass(frozen=True)
-class ToFu(MethodConfig):
+class ToFu(CellMethod, MethodConfig):
     """Token Fusion: ToMeSD's matching, pruning in the early (down) blocks, MLERP merging in the later ones.
 
     Args:
@@ -152,17 +152,6 @@ class ToFu(MethodConfig):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ToFu.{name} must be True or False, got {getattr(self, name)!r}")
         validate_cells(self)
-
-    def max_ratio(self) -> float:
-        return 1.0 - 1.0 / (self.sx * self.sy)
-
-    @property
-    def uses_rng(self) -> bool:
-        return self.use_rand
-
-    @property
-    def uses_clock(self) -> bool:
-        return self.uses_rng  # a new run reseeds the generator; nothing else depends on the step
 
     def share_key(self, block: str, level: int) -> tuple | None:
         # Blocks of one level that prune and blocks that merge cannot share a plan.

@@ -23,8 +23,27 @@ from .base import MethodConfig, PlanContext
 from .matching import check_match, check_match_window, nearest, nearest_in_window, window_covers
 
 
+class CellMethod:
+    """What the methods with one destination per ``sx x sy`` cell share (ToMe, ToFu)."""
+
+    sx: int
+    sy: int
+    use_rand: bool
+
+    def max_ratio(self) -> float:
+        return 1.0 - 1.0 / (self.sx * self.sy)
+
+    @property
+    def uses_rng(self) -> bool:
+        return self.use_rand
+
+    @property
+    def uses_clock(self) -> bool:
+        return self.uses_rng  # a new run reseeds the generator; nothing else depends on the step
+
+
 @dataclass(frozen=True)
-class ToMe(MethodConfig):
+class ToMe(CellMethod, MethodConfig):
     """Token Merging for Stable Diffusion (ToMeSD).
 
     Args:
@@ -69,17 +88,6 @@ class ToMe(MethodConfig):
     def __post_init__(self) -> None:
         validate_cells(self)
         self._validate_common()
-
-    def max_ratio(self) -> float:
-        return 1.0 - 1.0 / (self.sx * self.sy)
-
-    @property
-    def uses_rng(self) -> bool:
-        return self.use_rand
-
-    @property
-    def uses_clock(self) -> bool:
-        return self.uses_rng  # a new run reseeds the generator; nothing else depends on the step
 
     def make_plan(self, x: torch.Tensor, ctx: PlanContext) -> MergePlan | None:
         matching = cell_matching(x, ctx, self.ratio, self.sx, self.sy, self.use_rand, self.match, self.match_window)
