@@ -268,13 +268,9 @@ def method_config(method: str, ratio: float, latent: int, device: torch.device, 
                   match_window: int | None = None, family: str = "sd"):
     """The tokenmerge config of a method; ImportanceMerge's importance is a fixed random map on ``device``, unless
     the family's preset names a signal (LCM: ``"crossattn"``, no CFG), which is kept."""
-    options = {} if share_plan == "block" else {"share_plan": share_plan}  # ReToM has no share_plan field
-    if max_downsample is not None:
-        options["max_downsample"] = max_downsample
-    if min_tokens is not None:
-        options["min_tokens"] = min_tokens
-    if match_window is not None:
-        options["match_window"] = match_window
+    given = dict(max_downsample=max_downsample, min_tokens=min_tokens, match_window=match_window,
+                 share_plan=None if share_plan == "block" else share_plan)  # ReToM has no share_plan field
+    options = {name: value for name, value in given.items() if value is not None}
     if method == "tome":
         return ToMe(ratio=ratio, use_rand=use_rand, seed=seed, **options)
     if method == "importance":

@@ -117,10 +117,7 @@ class SiTo(MethodConfig):
         merge_mlp: prune around the feed-forward (``ff``); Table 2: costs FID, no speed.
         seed: seed of the private generator for the noise and random strategies; None forks the global RNG at each pipeline
             call (reproducible under ``torch.manual_seed``) without consuming it.
-        share_plan: ``"block"`` (default; the paper's): every patched block plans from its own input;
-            ``"level"``: one plan per U-Net level and denoiser call, built from the input of the level's first
-            block and reused by its other blocks (one similarity matching per level instead of per block;
-            outputs change).
+        share_plan: ``"block"`` (default; the paper's) or ``"level"`` (see :class:`MethodConfig`).
         min_tokens: the merge floor; None (default) = automatic per device (see :class:`MethodConfig`).
     """
 

@@ -122,10 +122,7 @@ class ToFu(CellMethod, MethodConfig):
         merge_mlp: reduce around the feed-forward (``ff``).
         seed: seed of the private generator for the random destinations; None forks the global RNG at each pipeline
             call (reproducible under ``torch.manual_seed``) without consuming it.
-        share_plan: ``"block"`` (default; ToMeSD's): every patched block plans from its own input;
-            ``"level"``: one plan per U-Net level and denoiser call, built from the input of the level's first
-            block and reused by its other blocks (one similarity matching per level instead of per block;
-            outputs change).
+        share_plan: ``"block"`` (default; ToMeSD's) or ``"level"`` (see :class:`MethodConfig`).
         min_tokens: the merge floor; None (default) = automatic per device (see :class:`MethodConfig`).
     """
 
