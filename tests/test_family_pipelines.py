@@ -144,12 +144,32 @@ def test_dit(sd):
         assert torch.equal(event.plan.kept[:2], event.plan.kept[2:])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "state.PatchState._is_cfg_batch takes every even batch for a CFG pair when the pipeline has no "
-    "do_classifier_free_guidance property; DiTPipeline has none, so two class labels at guidance_scale=1 "
-    "pair image 0 with image 1 (shared plans, importance |eps_0 - eps_1|) instead of raising"))
 def test_dit_without_guidance_refuses_cfg_importance(sd):
+    # DiTPipeline keeps its guidance switch local: two class labels at guidance_scale=1 are two images, not a pair.
     pipe = dit_pipe(sd)
     with tokenmerge.patched(pipe, ImportanceMerge(ratio=0.5)):
         with pytest.raises(ValueError, match="needs classifier-free guidance"):
             generate(pipe, class_labels=[0, 1], num_inference_steps=2, guidance_scale=1.0, output_type="np")
+    events = []
+    with tokenmerge.patched(pipe, ToMe(ratio=0.5, seed=0), on_plan=events.append):
+        generate(pipe, class_labels=[0, 1], num_inference_steps=2, guidance_scale=1.0, output_type="np")
+    assert events and all(not torch.equal(e.plan.kept[0], e.plan.kept[1]) for e in events)  # a plan per image
+
+
+def pixart_pipe(sd):
+    return PixArtAlphaPipeline(vae=sd["vae"], transformer=tiny_pixart(), scheduler=DPMSolverMultistepScheduler(),
+                               **t5_parts())
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.5])
+def test_pixart_tells_cfg_pairs_from_two_images(sd, guidance):
+    pipe = pixart_pipe(sd)
+    kwargs = dict(PROMPT, height=128, width=128, num_inference_steps=2, guidance_scale=guidance, clean_caption=False,
+                  use_resolution_binning=False, max_sequence_length=16, num_images_per_prompt=2)
+    # A CFG pair shares one plan; two images get one each (PixArt's grid matching would make them equal anyway).
+    config = ImportanceMerge(ratio=0.5, seed=0, prune_steps=0, match="features", importance=torch.rand(16, 16))
+    events = []
+    with tokenmerge.patched(pipe, config, on_plan=events.append):
+        generate(pipe, **kwargs)
+    shared = [torch.equal(e.plan.kept[0], e.plan.kept[e.plan.kept.shape[0] // 2]) for e in events]
+    assert events and all(shared) == (guidance > 1) and any(shared) == (guidance > 1)

@@ -96,18 +96,20 @@ class PatchState:
         self.skipped: dict[str, int] = {}  # blocks left unmerged (below the floor) in the last call: name -> tokens
         self._generators: dict[torch.device, torch.Generator] = {}
         self._pooled: dict[tuple[int, int], torch.Tensor | None] = {}
+        self._run_is_cfg: bool | None = None  # a pipeline without a guidance flag: read once per run
 
     # -- called by the denoiser hooks ------------------------------------------------------------
     def begin_call(self, sample: torch.Tensor, timestep: object) -> None:
         uses_clock = self.config.uses_clock
         # Compiled, a method that ignores the run skips the clock: its Python counters would be baked into the
         # graph as constants and force a recompilation at every step.
-        if (uses_clock or not torch.compiler.is_compiling()) and self.clock.tick(timestep, uses_clock):
+        new_run = (uses_clock or not torch.compiler.is_compiling()) and self.clock.tick(timestep, uses_clock)
+        if new_run:
             self.importance = None
             self.cache.clear()
             self._generators.clear()
         self.latent_hw = tuple(sample.shape[-2:])
-        self.cfg_pairs = self._is_cfg_batch(sample.shape[0])
+        self.cfg_pairs = self._is_cfg_batch(sample, new_run)
         self.prune_phase = self.clock.progress < getattr(self.config, "prune_steps", 0.0)
         self._pooled.clear()
         self.shared_plans.clear()
@@ -168,7 +170,15 @@ class PatchState:
             self._pooled[grid] = imp
         return self._pooled[grid]
 
-    def _is_cfg_batch(self, batch: int) -> bool:
+    def _is_cfg_batch(self, sample: torch.Tensor, new_run: bool) -> bool:
+        """Whether the batch is a CFG pair of halves.
+
+        The pipeline's ``do_classifier_free_guidance`` says it when it has one (SD, SDXL, AnimateDiff, LCM).
+        PixArt's and DiT's pipelines keep the switch in a local variable but feed CFG the latent twice
+        (``[latents] * 2``): there the halves are compared once per run (one device-to-host read per
+        generation, none per step). A bare denoiser has no pipeline to ask: an even batch is taken for a pair.
+        """
+        batch = sample.shape[0]
         if batch % 2:
             return False
         pipe = self.pipeline() if self.pipeline is not None else None
@@ -176,7 +186,14 @@ class PatchState:
             flag = getattr(pipe, "do_classifier_free_guidance", None)
         except AttributeError:  # property read before the pipeline call set its guidance scale
             flag = None
-        return True if flag is None else bool(flag)
+        if flag is not None:
+            return bool(flag)
+        if pipe is None:
+            return True
+        if new_run or self._run_is_cfg is None:
+            half = batch // 2
+            self._run_is_cfg = torch.equal(sample[:half], sample[half:])
+        return self._run_is_cfg
 
 
 def _is_cfg(signal: object) -> bool:
