@@ -75,6 +75,22 @@ def test_lcm_and_animatediff_run_with_their_own_inputs_and_merging_cuts_flops(tm
     assert "lcm: 1 (no CFG)" in (tmp_path / "bench.md").read_text()
 
 
+def test_zero123pp_runs_its_reference_pass_and_merges_the_tiled_views(tmp_path):
+    rows = run_bench(tmp_path, "--models", "zero123pp", "--sizes", "192x128", "--methods", "tomesd,tome,importance")
+    views = by_method(rows, "zero123pp")
+    assert {row["size"] for row in views.values()} == {"192x128"}  # 3 x 2 tiles of 64 px
+    assert views["tomesd"]["status"] == "skipped"  # tomesd cannot patch the wrapper
+    for method in ("tome", "importance"):
+        assert views[method]["status"] == "ok" and float(views[method]["flop_bound"]) > 1
+    assert "--sizes 192x128" in (tmp_path / "bench.md").read_text()
+    wrapper = bench.build_denoiser(bench.model_config("zero123pp", tiny=True), "cpu", torch.float32)
+    args, kwargs = bench.step_inputs(wrapper, (192, 128), 1, torch.device("cpu"), torch.float32)
+    assert args[0].shape == (2, 4, 24, 16) and kwargs["cross_attention_kwargs"]["cond_lat"].shape == (2, 4, 40, 40)
+    assert bench.size_list("512, 960x640") == (512, (960, 640))
+    with pytest.raises(argparse.ArgumentTypeError, match="height x width"):
+        bench.size_list("960x")
+
+
 def test_family_step_inputs_and_the_lcm_importance_preset():
     lcm = bench.build_denoiser(bench.model_config("lcm", tiny=True), "cpu", torch.float32)
     args, kwargs = bench.step_inputs(lcm, 128, 2, torch.device("cpu"), torch.float32)
@@ -86,10 +102,10 @@ def test_family_step_inputs_and_the_lcm_importance_preset():
     assert args[2].shape == (2 * bench.VIDEO_FRAMES, 77, 32)  # text per frame, as AnimateDiffPipeline passes it
     cpu = torch.device("cpu")
     # LCM keeps its preset's signal (no CFG to take |eps_cond - eps_uncond| from); the others get a random map.
-    config = bench.method_config("importance", 0.5, 16, cpu, True, 0, family="lcm")
+    config = bench.method_config("importance", 0.5, (16, 16), cpu, True, 0, family="lcm")
     with tokenmerge.patched(lcm, config):
         assert tokenmerge.current_config(lcm).importance == "crossattn"
-    assert bench.method_config("importance", 0.5, 16, cpu, True, 0, family="animatediff").importance.shape == (16, 16)
+    assert bench.method_config("importance", 0.5, (16, 16), cpu, True, 0, family="animatediff").importance.shape == (16, 16)
 
 
 def test_a_ratio_out_of_a_methods_range_is_reported_as_invalid(tmp_path):
@@ -120,10 +136,13 @@ def test_a_ratio_out_of_a_methods_range_is_reported_as_invalid(tmp_path):
     ("animatediff", dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, layers_per_block=2,
                          motion_max_seq_length=32, motion_num_attention_heads=8, use_motion_mid_block=True,
                          sample_size=64, params=859_520_964 + 453_209_280)),
+    # Zero123++ v1.2: an SD 2 U-Net (865.9 M parameters) in the reference-attention wrapper.
+    ("zero123pp", dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=1024,
+                       attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, params=865_910_724)),
 ])
 def test_shipped_full_size_configs_build_their_diffusers_classes(model, expected):
     denoiser = bench.build_denoiser(bench.model_config(model), "meta", torch.float16)
-    config = denoiser.config
+    config = getattr(denoiser, "unet", denoiser).config
     for key, value in expected.items():
         if key != "params":
             assert (tuple(config[key]) if isinstance(config[key], list) else config[key]) == value, key
@@ -132,7 +151,8 @@ def test_shipped_full_size_configs_build_their_diffusers_classes(model, expected
     if model == "sd21":  # 64-dim heads: 320 channels / 5 heads
         attn = denoiser.down_blocks[0].attentions[0].transformer_blocks[0].attn1
         assert attn.inner_dim // attn.heads == 64
-    classes = {"pixart": "PixArtTransformer2DModel", "dit": "DiTTransformer2DModel", "animatediff": "UNetMotionModel"}
+    classes = {"pixart": "PixArtTransformer2DModel", "dit": "DiTTransformer2DModel", "animatediff": "UNetMotionModel",
+               "zero123pp": "ReferenceUNet"}
     assert type(denoiser).__name__ == classes.get(model, "UNet2DConditionModel")
 
 

@@ -53,12 +53,15 @@ from .methods import ImportanceMerge, ToMe
 from .presets import preset
 
 
+Size = int | tuple[int, int]  # pixels: one side of a square, or (height, width)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     title: str
     config_file: str  # under tokenmerge/configs
-    tiny_kind: str  # tokenmerge.tiny U-Net kind, or "lcm" / "animatediff" / "pixart" / "dit" for --tiny
-    gpu_sizes: tuple[int, ...]  # default resolutions on GPU; the first is the model's native one
+    tiny_kind: str  # tokenmerge.tiny U-Net kind, or "lcm" / "animatediff" / "pixart" / "dit" / "zero123pp" for --tiny
+    gpu_sizes: tuple[Size, ...]  # default resolutions on GPU; the first is the model's native one
 
 
 MODELS = {
@@ -69,13 +72,16 @@ MODELS = {
     "dit": ModelSpec("DiT-XL/2", "dit_xl2_256_transformer.json", "dit", (256, 512)),
     "lcm": ModelSpec("LCM (SD 1.5)", "lcm_sd15_unet.json", "lcm", (512, 1024)),
     "animatediff": ModelSpec("AnimateDiff (SD 1.5)", "animatediff_sd15_unet.json", "animatediff", (512,)),
+    "zero123pp": ModelSpec("Zero123++ (SD 2)", "zero123pp_unet.json", "zero123pp", ((960, 640),)),
 }
 METHODS = ("unpatched", "tomesd", "tome", "importance", "retom", "sito", "tofu")
 UNPATCHED = "unpatched"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TINY_SIZE = 128  # the tiny configs' sample_size (16) x 8
-TEXT_TOKENS = {"UNet2DConditionModel": 77, "UNetMotionModel": 77, "PixArtTransformer2DModel": 120}  # CLIP / T5
+TEXT_TOKENS = {"UNet2DConditionModel": 77, "UNetMotionModel": 77, "ReferenceUNet": 77,
+               "PixArtTransformer2DModel": 120}  # CLIP / T5
 VIDEO_FRAMES = 16  # AnimateDiff: frames per video (the adapters' training length)
+REFERENCE_SIZE = 320  # Zero123++: the condition image's side in pixels (its reference pass runs at 40x40 latents)
 CPU_DEFAULTS = dict(models=("sd15",), ratios=(0.5,), methods=("unpatched", "tomesd", "tome", "importance"),
                     repeats=3, warmup=1)
 GPU_DEFAULTS = dict(models=tuple(MODELS), ratios=(0.3, 0.5, 0.7, 0.75),
@@ -100,13 +106,14 @@ def model_config(name: str, tiny: bool = False) -> dict:
     """The diffusers config (``_class_name`` included) of a model: shipped full-size, or tiny."""
     spec = MODELS[parse_names(name, MODELS, "model")[0]]
     if tiny:
-        from .tiny import DIT_CONFIG, LCM_TIME_COND_DIM, MOTION_CONFIG, PIXART_CONFIG, unet_config
+        from .tiny import DIT_CONFIG, LCM_TIME_COND_DIM, MOTION_CONFIG, PIXART_CONFIG, ZERO123PP_UNET_CONFIG, unet_config
 
         tiny_configs = {
             "pixart": ("PixArtTransformer2DModel", PIXART_CONFIG),
             "dit": ("DiTTransformer2DModel", DIT_CONFIG),
             "lcm": ("UNet2DConditionModel", {**unet_config("sd1"), "time_cond_proj_dim": LCM_TIME_COND_DIM}),
             "animatediff": ("UNetMotionModel", MOTION_CONFIG),
+            "zero123pp": ("UNet2DConditionModel", {**ZERO123PP_UNET_CONFIG, "_wrapper": "ReferenceUNet"}),
         }
         class_name, config = tiny_configs.get(spec.tiny_kind) or ("UNet2DConditionModel", unet_config(spec.tiny_kind))
         return {"_class_name": class_name, **config}
@@ -114,12 +121,20 @@ def model_config(name: str, tiny: bool = False) -> dict:
 
 
 def build_denoiser(config: dict, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
-    """A random-weight denoiser of the config's diffusers class, built on ``device`` ('meta': no memory)."""
+    """A random-weight denoiser of the config's diffusers class, built on ``device`` ('meta': no memory).
+
+    ``"_wrapper"`` names a :mod:`tokenmerge.tiny` module that wraps the diffusers model as a community pipeline
+    does (Zero123++'s reference-attention U-Net).
+    """
     import diffusers
+
+    from . import tiny
 
     torch.manual_seed(seed)
     with torch.device(device):
         model = getattr(diffusers, config["_class_name"]).from_config(config)
+        if config.get("_wrapper"):
+            model = getattr(tiny, config["_wrapper"])(model)
     # nn.Module.to: diffusers' own .to warns about casting, though these models keep no module in float32.
     return nn.Module.to(model, device=device, dtype=dtype).eval().requires_grad_(False)
 
@@ -129,7 +144,7 @@ def is_unet(denoiser: nn.Module) -> bool:
 
 
 def family(denoiser: nn.Module) -> str:
-    """The denoiser's tokenmerge family (``sd``, ``lcm``, ``animatediff``, ``pixart``, ``dit``)."""
+    """The denoiser's tokenmerge family (``sd``, ``lcm``, ``animatediff``, ``pixart``, ``dit``, ``zero123pp``)."""
     from .models import adapter_for
 
     return adapter_for(denoiser).family
@@ -140,7 +155,17 @@ def cfg_batch(denoiser: nn.Module, images: int) -> int:
     return images if family(denoiser) == "lcm" else 2 * images
 
 
-def step_inputs(denoiser: nn.Module, size: int | tuple[int, int], images: int, device: torch.device, dtype: torch.dtype,
+def latent_size(size: Size) -> tuple[int, int]:
+    """The latent ``(height, width)`` of an image size (VAE factor 8)."""
+    height, width = (size, size) if isinstance(size, int) else size
+    return height // 8, width // 8
+
+
+def size_label(size: Size) -> str:
+    return str(size) if isinstance(size, int) else f"{size[0]}x{size[1]}"
+
+
+def step_inputs(denoiser: nn.Module, size: Size, images: int, device: torch.device, dtype: torch.dtype,
                 seed: int = 0) -> tuple[tuple, dict]:
     """Arguments of one denoiser call on the family's batch (:func:`cfg_batch`) of ``images`` at ``size`` pixels
     (latent = size / 8); ``size`` is one side of a square or ``(height, width)``. One function per family
@@ -151,7 +176,7 @@ def step_inputs(denoiser: nn.Module, size: int | tuple[int, int], images: int, d
     first thing in its forward, when nothing but the start event is queued.
     """
     height, width = (size, size) if isinstance(size, int) else size
-    config, latent = denoiser.config, (height // 8, width // 8)
+    config, latent = getattr(denoiser, "unet", denoiser).config, latent_size(size)
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int) -> torch.Tensor:
@@ -229,8 +254,19 @@ def dit_inputs(s: StepShape) -> tuple[tuple, dict]:
     return (latent, torch.full((s.batch,), 500, device=s.device), labels), {}
 
 
+def zero123pp_inputs(s: StepShape) -> tuple[tuple, dict]:
+    """Zero123++: the six views tiled in one latent (960x640 px natively), CLIP-sized conditioning states, and the
+    reference latent of the 320x320 condition image (``cross_attention_kwargs["cond_lat"]``), run first."""
+    config = s.denoiser.unet.config
+    latent = s.randn(s.batch, config.in_channels, *s.latent)
+    reference = s.randn(s.batch, config.in_channels, REFERENCE_SIZE // 8, REFERENCE_SIZE // 8)
+    return (latent, torch.tensor(500), s.text(config.cross_attention_dim)), {
+        "cross_attention_kwargs": {"cond_lat": reference}}
+
+
 FAMILY_INPUTS: dict[str, Callable[[StepShape], tuple[tuple, dict]]] = {
     "sd": sd_inputs, "lcm": lcm_inputs, "animatediff": animatediff_inputs, "pixart": pixart_inputs, "dit": dit_inputs,
+    "zero123pp": zero123pp_inputs,
 }
 
 
@@ -263,7 +299,7 @@ def tomesd_patched(denoiser: nn.Module, ratio: float, use_rand: bool) -> Iterato
         tomesd.remove_patch(denoiser)
 
 
-def method_config(method: str, ratio: float, latent: int, device: torch.device, use_rand: bool, seed: int,
+def method_config(method: str, ratio: float, latent: tuple[int, int], device: torch.device, use_rand: bool, seed: int,
                   share_plan: str = "block", max_downsample: int | None = None, min_tokens: int | None = None,
                   match_window: int | None = None, family: str = "sd"):
     """The tokenmerge config of a method; ImportanceMerge's importance is a fixed random map on ``device``, unless
@@ -275,7 +311,7 @@ def method_config(method: str, ratio: float, latent: int, device: torch.device, 
         return ToMe(ratio=ratio, use_rand=use_rand, seed=seed, **options)
     if method == "importance":
         if "importance" not in preset(family, ImportanceMerge):
-            options["importance"] = torch.rand(latent, latent, generator=torch.Generator().manual_seed(seed)).to(device)
+            options["importance"] = torch.rand(*latent, generator=torch.Generator().manual_seed(seed)).to(device)
         return ImportanceMerge(ratio=ratio, prune_steps=0.0, seed=seed, **options)
     config_class = CONFIGS[method]
     missing = sorted(set(options) - {field.name for field in dataclasses.fields(config_class)})
@@ -284,7 +320,7 @@ def method_config(method: str, ratio: float, latent: int, device: torch.device, 
     return config_class(ratio=ratio, seed=seed, **options)
 
 
-def make_variant(method: str, ratio: float | None, denoiser: nn.Module, latent: int, device: torch.device,
+def make_variant(method: str, ratio: float | None, denoiser: nn.Module, latent: tuple[int, int], device: torch.device,
                  use_rand: bool, seed: int, share_plan: str = "block", max_downsample: int | None = None,
                  min_tokens: int | None = None, match_window: int | None = None) -> Variant:
     """A variant to time; tokenmerge methods planned per level are named ``METHOD+level``."""
@@ -390,7 +426,7 @@ def measure(variant: Variant, denoiser: nn.Module, step: Callable[[], object], d
     return seconds
 
 
-def bench_resolution(denoiser: nn.Module, size: int, args: argparse.Namespace) -> list[Variant]:
+def bench_resolution(denoiser: nn.Module, size: Size, args: argparse.Namespace) -> list[Variant]:
     """Every variant of one model at one resolution: warm-up, interleaved timed rounds, FLOPs."""
     inputs, kwargs = step_inputs(denoiser, size, args.images, args.device, args.dtype, args.seed)
 
@@ -398,8 +434,9 @@ def bench_resolution(denoiser: nn.Module, size: int, args: argparse.Namespace) -
         with torch.no_grad():
             denoiser(*inputs, **kwargs)
 
-    variants = [make_variant(UNPATCHED, None, denoiser, size // 8, args.device, args.use_rand, args.seed)]
-    variants += [make_variant(method, ratio, denoiser, size // 8, args.device, args.use_rand, args.seed, share,
+    latent = latent_size(size)
+    variants = [make_variant(UNPATCHED, None, denoiser, latent, args.device, args.use_rand, args.seed)]
+    variants += [make_variant(method, ratio, denoiser, latent, args.device, args.use_rand, args.seed, share,
                               args.max_downsample, args.min_tokens, args.match_window)
                  for ratio in args.ratios for method in args.methods if method != UNPATCHED
                  for share in (args.share_plan if method not in (UNPATCHED, "tomesd") else ("block",))]
@@ -412,7 +449,7 @@ def bench_resolution(denoiser: nn.Module, size: int, args: argparse.Namespace) -
     for round_index in range(args.repeats):
         for variant in runnable:
             variant.times.append(measure(variant, denoiser, step, args.device))
-        log(f"  {size} px: round {round_index + 1}/{args.repeats} done")
+        log(f"  {size_label(size)} px: round {round_index + 1}/{args.repeats} done")
     for variant in runnable:
         with variant.patch(denoiser):
             variant.flops = count_flops(step)
@@ -444,7 +481,7 @@ def resolve(args: argparse.Namespace, usage_error: Callable[[str], None]) -> arg
     return args
 
 
-def sizes_for(model: str, args: argparse.Namespace) -> tuple[int, ...]:
+def sizes_for(model: str, args: argparse.Namespace) -> tuple[Size, ...]:
     if args.sizes:
         return args.sizes
     if args.tiny:
@@ -468,13 +505,13 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def table_rows(model: str, size: int, variants: list[Variant], device_type: str) -> list[dict]:
+def table_rows(model: str, size: Size, variants: list[Variant], device_type: str) -> list[dict]:
     base = variants[0]  # unpatched
     base_median = statistics.median(base.times) if base.times else None
     rows = []
     for v in variants:
         row = dict.fromkeys(CSV_FIELDS)
-        row.update(model=model, size=size, method=v.method, ratio=v.ratio, status=v.status, note=v.note)
+        row.update(model=model, size=size_label(size), method=v.method, ratio=v.ratio, status=v.status, note=v.note)
         if v.times:
             median = statistics.median(v.times)
             row.update(median_s=median, min_s=min(v.times), max_s=max(v.times), runs=len(v.times),
@@ -560,7 +597,8 @@ def write_plot(rows: list[dict], path: Path) -> Path:
 def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this run, every default spelled out."""
     def join(values) -> str:
-        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+        return ",".join(f"{v:g}" if isinstance(v, float) else size_label(v) if isinstance(v, tuple) else str(v)
+                        for v in values)
 
     sizes = f" --sizes {join(args.sizes)}" if args.sizes else ""
     return (f"tokenmerge bench --models {join(args.models)}{sizes} --ratios {join(args.ratios)} "
@@ -578,11 +616,17 @@ def log(message: str) -> None:
 
 
 # -- command line -----------------------------------------------------------------------------------
-def size_list(text: str) -> tuple[int, ...]:
-    sizes = number_list(int, "512,1024")(text)
-    if any(size < 8 or size % 8 for size in sizes):
-        raise argparse.ArgumentTypeError(f"expected image sizes in pixels, multiples of 8, such as 512,1024; "
-                                         f"got {text!r}")
+def size_list(text: str) -> tuple[Size, ...]:
+    """``"512,960x640"`` -> ``(512, (960, 640))``: squares, or height x width."""
+    try:
+        sizes = tuple(int(part) if "x" not in part else tuple(map(int, part.split("x", 1)))
+                      for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        sizes = ()
+    sides = [side for size in sizes for side in ((size,) if isinstance(size, int) else size)]
+    if not sizes or any(side < 8 or side % 8 for side in sides):
+        raise argparse.ArgumentTypeError(f"expected image sizes in pixels, multiples of 8, such as 512,1024 or "
+                                         f"960x640 (height x width); got {text!r}")
     return sizes
 
 
@@ -611,7 +655,7 @@ def register(commands) -> argparse.ArgumentParser:
     bench.add_argument("--models", help=f"comma-separated, from {','.join(MODELS)} (CPU default: sd15; GPU: all)")
     bench.add_argument("--sizes", type=size_list,
                        help="image sizes in pixels, e.g. 512,1024 (default: the model's native size on CPU; on GPU "
-                            + "; ".join(f"{k} {','.join(map(str, s.gpu_sizes))}" for k, s in MODELS.items())
+                            + "; ".join(f"{k} {','.join(map(size_label, s.gpu_sizes))}" for k, s in MODELS.items())
                             + f"; {TINY_SIZE} with --tiny)")
     bench.add_argument("--ratios", type=ratio_list, help="merge ratios (CPU default 0.5; GPU 0.3,0.5,0.7,0.75)")
     bench.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)} (default: "

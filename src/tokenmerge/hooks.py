@@ -79,6 +79,14 @@ class BlockPatch:
             self.plan, ctx = state.shared_plans[key]
             self._report(ctx)
             return
+        hold_key = key or self.target.name
+        held = state.held_plan(hold_key, tuple(x.shape[:2])) if config.plan_every > 1 else None
+        if held is not None:  # plan_every: a plan from an earlier step of this run
+            self.plan, ctx = held
+            if key is not None:
+                state.shared_plans[key] = held
+            self._report(ctx)
+            return
         grid = state.adapter.grid(state.latent_hw, self.target, x.shape[1])
         groups = x.shape[0] // 2 if state.cfg_pairs else x.shape[0]
         ctx = PlanContext(
@@ -98,6 +106,8 @@ class BlockPatch:
             self.plan = config.make_plan(x.detach(), ctx)
         if key is not None:
             state.shared_plans[key] = (self.plan, ctx)
+        if config.plan_every > 1:
+            state.held_plans[hold_key] = (self.plan, ctx, tuple(x.shape[:2]))
         self._report(ctx)
 
     def _report(self, ctx: PlanContext) -> None:

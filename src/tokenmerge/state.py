@@ -93,6 +93,7 @@ class PatchState:
         self.cache: dict = {}  # methods' own cross-step state (PlanContext.cache)
         self.cfg_importance = _is_cfg(getattr(config, "importance", None))  # read from the CFG output
         self.shared_plans: dict = {}  # share key -> (plan, context), for the current denoiser call
+        self.held_plans: dict = {}  # block or share key -> (plan, context, tokens), kept across steps (plan_every)
         self.skipped: dict[str, int] = {}  # blocks left unmerged (below the floor) in the last call: name -> tokens
         self._generators: dict[torch.device, torch.Generator] = {}
         self._pooled: dict[tuple[int, int], torch.Tensor | None] = {}
@@ -100,13 +101,14 @@ class PatchState:
 
     # -- called by the denoiser hooks ------------------------------------------------------------
     def begin_call(self, sample: torch.Tensor, timestep: object) -> None:
-        uses_clock = self.config.uses_clock
+        uses_clock = self.config.uses_clock or self.config.plan_every > 1
         # Compiled, a method that ignores the run skips the clock: its Python counters would be baked into the
         # graph as constants and force a recompilation at every step.
         new_run = (uses_clock or not torch.compiler.is_compiling()) and self.clock.tick(timestep, uses_clock)
         if new_run:
             self.importance = None
             self.cache.clear()
+            self.held_plans.clear()
             self._generators.clear()
         self.latent_hw = tuple(sample.shape[-2:])
         self.cfg_pairs = self._is_cfg_batch(sample, new_run)
@@ -156,6 +158,18 @@ class PatchState:
                 gen.manual_seed(int(torch.randint(2**62, (1,), generator=cpu_fork)))
             self._generators[device] = gen
         return self._generators[device]
+
+    def held_plan(self, key: object, tokens: tuple[int, int]) -> tuple | None:
+        """``(plan, context)`` built for ``key`` fewer than ``config.plan_every`` steps ago, or None.
+
+        Held only while it still fits: the same ``(batch, tokens)`` and the same phase (pruning or merging).
+        """
+        held = self.held_plans.get(key)
+        if held is None:
+            return None
+        plan, ctx, held_tokens = held
+        fresh = self.clock.step - ctx.step < self.config.plan_every
+        return (plan, ctx) if fresh and held_tokens == tokens and ctx.prune_phase == self.prune_phase else None
 
     def importance_on_grid(self, grid: tuple[int, int], groups: int) -> torch.Tensor | None:
         """Importance ``(groups, N)`` pooled to a block's grid, or None when unknown or for another batch."""

@@ -118,6 +118,15 @@ def tiny_motion_unet(seed: int = 0):
     return UNetMotionModel(**MOTION_CONFIG).eval()
 
 
+#: The tiny Zero123++-like U-Net: SD 2 layout (linear projections, per-level heads), attention in three levels.
+ZERO123PP_UNET_CONFIG = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=16,
+    block_out_channels=(32, 32, 64, 64), attention_head_dim=(2, 2, 4, 4), use_linear_projection=True,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=32,
+)
+
+
 class ReferenceAttnProcessor:
     """Zero123++'s reference attention, written from its description (App. B): in ``mode="w"`` a self-attention
     stores its input under its name; in ``mode="r"`` it appends the stored reference tokens to its keys and values.
@@ -165,13 +174,7 @@ def tiny_zero123pp(seed: int = 0) -> ReferenceUNet:
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=16,
-        block_out_channels=(32, 32, 64, 64), attention_head_dim=(2, 2, 4, 4), use_linear_projection=True,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=32,
-    )
-    return ReferenceUNet(unet).eval()
+    return ReferenceUNet(UNet2DConditionModel(**ZERO123PP_UNET_CONFIG)).eval()
 
 
 def _char_tokenizer(max_length: int = 77):

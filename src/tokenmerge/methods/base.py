@@ -80,7 +80,8 @@ class MethodConfig:
     builds one plan per U-Net level and denoiser call from the input of the level's first block and reuses it
     in the level's other blocks (one similarity matching per level instead of per block; outputs change).
 
-    The keyword-only fields below place merging in model families other than the SD U-Net:
+    The keyword-only fields below place merging in model families other than the SD U-Net, and reuse plans
+    across steps:
 
     Args:
         layers: for transformer denoisers (PixArt, DiT): the ``(start, end)`` fraction of the blocks patched,
@@ -90,6 +91,10 @@ class MethodConfig:
         temporal_ratio: for video U-Nets (AnimateDiff): fraction of the frames merged in the temporal
             (motion-module) attention, in ``[0, 0.5]``; 0 (default) leaves them alone, as merging in time
             reduces motion. Raises on models without temporal layers.
+        plan_every: build each block's plan (each level's, with ``share_plan="level"``) at every
+            ``plan_every``-th denoiser step of a run and reuse it for the steps in between; 1 (default, the
+            papers'): a new plan at every step. A plan is rebuilt early when the block's batch or token count or
+            the phase (pruning or merging) changes. Outputs change: docs/quality.md measures by how much.
 
     Fields left out of the constructor take the model family's preset when applied (``tokenmerge.presets``);
     fields passed explicitly are never overridden.
@@ -97,6 +102,7 @@ class MethodConfig:
 
     layers: tuple[float, float] | None = field(default=None, kw_only=True)
     temporal_ratio: float = field(default=0.0, kw_only=True)
+    plan_every: int = field(default=1, kw_only=True)
 
     #: Whether the method needs the per-token importance signal (so the denoiser hook computes it).
     uses_importance = False
@@ -185,6 +191,12 @@ class MethodConfig:
             raise ValueError(f"{type(self).__name__}.seed must be an int or None, got {self.seed!r}")
         _validate_layers(self)
         check_range(self, "temporal_ratio", self.temporal_ratio, 0.0, MAX_TEMPORAL_RATIO)
+        every = self.plan_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(
+                f"{type(self).__name__}.plan_every must be an int >= 1 (1: a new plan at every step; k: plans "
+                f"reused for k steps), got {every!r}"
+            )
         if self.share_plan not in SHARE_PLAN:
             raise ValueError(
                 f"{type(self).__name__}.share_plan must be one of {SHARE_PLAN} (plan per block, or one plan per "
