@@ -218,3 +218,13 @@ def test_placement_and_matching_options_reach_the_configs(tmp_path):
                                  "--max-downsample", "2", "--min-tokens", "0"), "sdxl")
     assert float(deeper["tome"]["gflops"]) < float(base["tome"]["gflops"])  # a second level merged
     assert "--max-downsample 2 --min-tokens 0" in (tmp_path / "deep" / "bench.md").read_text()
+
+
+def test_plan_every_over_several_steps_counts_fewer_plans(tmp_path):
+    """--steps 2 runs two denoiser calls per sample; with --plan-every 2 the second reuses the first's plans."""
+    options = ("--models", "sd15", "--methods", "tome", "--steps", "2")
+    fresh = by_method(run_bench(tmp_path / "fresh", *options), "sd15")
+    reused = by_method(run_bench(tmp_path / "reused", *options, "--plan-every", "2"), "sd15")
+    assert fresh["unpatched"]["gflops"] == reused["unpatched"]["gflops"]  # per call, whatever --steps
+    assert float(reused["tome"]["gflops"]) < float(fresh["tome"]["gflops"])  # half the similarity matmuls
+    assert "--plan-every 2 --steps 2" in (tmp_path / "reused" / "bench.md").read_text()

@@ -299,14 +299,18 @@ def tomesd_patched(denoiser: nn.Module, ratio: float, use_rand: bool) -> Iterato
         tomesd.remove_patch(denoiser)
 
 
+#: Config fields the bench's options set on every tokenmerge method (None: each method's default).
+FIELD_OPTIONS = ("max_downsample", "min_tokens", "match_window", "plan_every")
+
+
 def method_config(method: str, ratio: float, latent: tuple[int, int], device: torch.device, use_rand: bool, seed: int,
-                  share_plan: str = "block", max_downsample: int | None = None, min_tokens: int | None = None,
-                  match_window: int | None = None, family: str = "sd"):
-    """The tokenmerge config of a method; ImportanceMerge's importance is a fixed random map on ``device``, unless
-    the family's preset names a signal (LCM: ``"crossattn"``, no CFG), which is kept."""
-    given = dict(max_downsample=max_downsample, min_tokens=min_tokens, match_window=match_window,
-                 share_plan=None if share_plan == "block" else share_plan)  # ReToM has no share_plan field
-    options = {name: value for name, value in given.items() if value is not None}
+                  share_plan: str = "block", fields: dict | None = None, family: str = "sd"):
+    """The tokenmerge config of a method with the given config ``fields``; ImportanceMerge's importance is a fixed
+    random map on ``device``, unless the family's preset names a signal (LCM: ``"crossattn"``, no CFG), which is
+    kept."""
+    options = {name: value for name, value in (fields or {}).items() if value is not None}
+    if share_plan != "block":
+        options["share_plan"] = share_plan  # ReToM has no share_plan field
     if method == "tome":
         return ToMe(ratio=ratio, use_rand=use_rand, seed=seed, **options)
     if method == "importance":
@@ -321,8 +325,7 @@ def method_config(method: str, ratio: float, latent: tuple[int, int], device: to
 
 
 def make_variant(method: str, ratio: float | None, denoiser: nn.Module, latent: tuple[int, int], device: torch.device,
-                 use_rand: bool, seed: int, share_plan: str = "block", max_downsample: int | None = None,
-                 min_tokens: int | None = None, match_window: int | None = None) -> Variant:
+                 use_rand: bool, seed: int, share_plan: str = "block", fields: dict | None = None) -> Variant:
     """A variant to time; tokenmerge methods planned per level are named ``METHOD+level``."""
     if method == UNPATCHED:
         return Variant(method, None, lambda model: contextlib.nullcontext())
@@ -337,8 +340,7 @@ def make_variant(method: str, ratio: float | None, denoiser: nn.Module, latent: 
         return Variant(method, ratio, lambda model: tomesd_patched(model, ratio, use_rand), note=note)
     name = method if share_plan == "block" else f"{method}+{share_plan}"
     try:
-        config = method_config(method, ratio, latent, device, use_rand, seed, share_plan, max_downsample, min_tokens,
-                               match_window, family(denoiser))
+        config = method_config(method, ratio, latent, device, use_rand, seed, share_plan, fields, family(denoiser))
     except ValueError as err:  # e.g. a ratio out of the method's range
         return Variant(name, ratio, status="invalid", note=str(err).splitlines()[0])
     try:
@@ -430,14 +432,15 @@ def bench_resolution(denoiser: nn.Module, size: Size, args: argparse.Namespace) 
     """Every variant of one model at one resolution: warm-up, interleaved timed rounds, FLOPs."""
     inputs, kwargs = step_inputs(denoiser, size, args.images, args.device, args.dtype, args.seed)
 
-    def step() -> None:
+    def step() -> None:  # --steps calls in one patched run: its clock advances, plans are reused (plan_every)
         with torch.no_grad():
-            denoiser(*inputs, **kwargs)
+            for _ in range(args.steps):
+                denoiser(*inputs, **kwargs)
 
+    fields = {name: getattr(args, name) for name in FIELD_OPTIONS}
     latent = latent_size(size)
     variants = [make_variant(UNPATCHED, None, denoiser, latent, args.device, args.use_rand, args.seed)]
-    variants += [make_variant(method, ratio, denoiser, latent, args.device, args.use_rand, args.seed, share,
-                              args.max_downsample, args.min_tokens, args.match_window)
+    variants += [make_variant(method, ratio, denoiser, latent, args.device, args.use_rand, args.seed, share, fields)
                  for ratio in args.ratios for method in args.methods if method != UNPATCHED
                  for share in (args.share_plan if method not in (UNPATCHED, "tomesd") else ("block",))]
     runnable = [v for v in variants if v.status == "ok"]
@@ -448,13 +451,13 @@ def bench_resolution(denoiser: nn.Module, size: Size, args: argparse.Namespace) 
         variant.peak_bytes = None  # the warm-up's peaks (first allocations, kernel selection) do not count
     for round_index in range(args.repeats):
         for variant in runnable:
-            variant.times.append(measure(variant, denoiser, step, args.device))
+            variant.times.append(measure(variant, denoiser, step, args.device) / args.steps)
         log(f"  {size_label(size)} px: round {round_index + 1}/{args.repeats} done")
     for variant in runnable:
         with variant.patch(denoiser):
-            variant.flops = count_flops(step)
+            variant.flops = count_flops(step) // args.steps
         if variant.config is not None:
-            variant.plan_seconds = plan_seconds(variant, denoiser, step, args.device)
+            variant.plan_seconds = plan_seconds(variant, denoiser, step, args.device) / args.steps
     return variants
 
 
@@ -607,6 +610,8 @@ def command_line(args: argparse.Namespace) -> str:
             f"{f'--max-downsample {args.max_downsample} ' if args.max_downsample else ''}"
             f"{f'--min-tokens {args.min_tokens} ' if args.min_tokens is not None else ''}"
             f"{f'--match-window {args.match_window} ' if args.match_window is not None else ''}"
+            f"{f'--plan-every {args.plan_every} ' if args.plan_every is not None else ''}"
+            f"{f'--steps {args.steps} ' if args.steps != 1 else ''}"
             f"--{'' if args.use_rand else 'no-'}use-rand --device {args.device} --dtype {args.dtype_name} "
             f"--seed {args.seed}{' --tiny' if args.tiny else ''} --out {args.out}")
 
@@ -669,6 +674,12 @@ def register(commands) -> argparse.ArgumentParser:
     bench.add_argument("--match-window", type=at_least(0), default=None,
                        help="ToMe/ToFu match_window field: match each source within this many cells of its own "
                             "(O(N) plans; default: every destination, tomesd's matching)")
+    bench.add_argument("--plan-every", type=at_least(1), default=None,
+                       help="tokenmerge methods' plan_every field: build plans every this many steps and reuse them "
+                            "in between (default: each method's, 1); time it with --steps")
+    bench.add_argument("--steps", type=at_least(1), default=1,
+                       help="denoiser calls per timed sample, in one patched run (its step clock advances, so "
+                            "plan_every reuses plans); times, FLOPs and plan time are reported per call (default 1)")
     bench.add_argument("--share-plan", type=share_modes, default=("block",),
                        help="plan per block and/or per U-Net level (share_plan field), e.g. block,level: each "
                             "tokenmerge method runs once per mode; level variants are named METHOD+level "

@@ -31,8 +31,8 @@ class MergePlan:
         assign: ``(B, N)`` slot in ``[0, M)`` each token maps to; a kept token maps to itself.
         num_dst: how many of the kept tokens are destinations.
         prune: if True, ``merge`` drops non-kept tokens instead of averaging them in.
-        merge_weight: ``(B * N, 1)`` weight of each token in its slot's average
-            (``1 / slot size`` for a plain mean); ignored when pruning.
+        merge_weight: ``(B * N, 1)`` weight of each token in its slot's weighted sum (ReToM's alpha), or None
+            for the plain mean of the slot's members; ignored when pruning.
     """
 
     kept: torch.Tensor
@@ -42,7 +42,8 @@ class MergePlan:
     merge_weight: torch.Tensor | None = None
     _flat_kept: torch.Tensor = field(init=False, repr=False)
     _flat_assign: torch.Tensor = field(init=False, repr=False)
-    _weights_by_dtype: dict = field(init=False, repr=False, default_factory=dict)
+    _slot_scale: torch.Tensor | None = field(init=False, repr=False, default=None)
+    _cast: dict = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         batch, n = self.assign.shape
@@ -52,9 +53,11 @@ class MergePlan:
         self._flat_kept = (self.kept + offsets * n).reshape(-1)
         self._flat_assign = (self.assign + offsets * m).reshape(-1)
         if not self.prune and self.merge_weight is None:
+            # A plain mean: merge sums each slot's members and scales the M slot rows by 1 / members, which
+            # touches N x C values once (weighting the N rows first was 1.2-3.8x slower on CPU).
             counts = torch.zeros(batch, m, device=self.assign.device, dtype=torch.float32)
             counts.scatter_add_(1, self.assign, torch.ones_like(self.assign, dtype=torch.float32))
-            self.merge_weight = counts.gather(1, self.assign).reciprocal().reshape(-1, 1)
+            self._slot_scale = counts.reciprocal_().reshape(-1, 1)
 
     @property
     def batch_size(self) -> int:
@@ -75,9 +78,12 @@ class MergePlan:
         rows = x.reshape(b * n, c)
         if self.prune:
             return rows.index_select(0, self._flat_kept).view(b, self.num_kept, c)
-        weighted = rows * self._weight(x.dtype)
         out = x.new_zeros(b * self.num_kept, c)
-        out.index_add_(0, self._flat_assign, weighted)
+        if self._slot_scale is not None:
+            out.index_add_(0, self._flat_assign, rows)
+            out.mul_(self._weights(x.dtype))
+        else:
+            out.index_add_(0, self._flat_assign, rows * self._weights(x.dtype))
         return out.view(b, self.num_kept, c)
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
@@ -93,10 +99,13 @@ class MergePlan:
         role_of_kept[:, : self.num_dst] = DESTINATION
         return roles.scatter_(1, self.kept, role_of_kept)
 
-    def _weight(self, dtype: torch.dtype) -> torch.Tensor:
-        if dtype not in self._weights_by_dtype:
-            self._weights_by_dtype[dtype] = self.merge_weight.to(dtype)
-        return self._weights_by_dtype[dtype]
+    def _weights(self, dtype: torch.dtype) -> torch.Tensor:
+        """The slot scale (plain mean) or the per-token weights in ``dtype``, cast once per plan (a plan serves
+        attn1, attn2 and ff)."""
+        if dtype not in self._cast:
+            weights = self._slot_scale if self._slot_scale is not None else self.merge_weight
+            self._cast[dtype] = weights.to(dtype)
+        return self._cast[dtype]
 
     def _check(self, x: torch.Tensor, tokens: int) -> None:
         if x.ndim != 3 or x.shape[0] != self.batch_size or x.shape[1] != tokens:

@@ -79,8 +79,7 @@ class MlerpPlan(MergePlan):
         if self.prune:
             raise ValueError("MlerpPlan merges tokens; a pruning plan has no merged slot to rescale")
         super().__post_init__()
-        # A slot has more than one member exactly when its own token's weight 1 / size is below 1.
-        self._multi = self.merge_weight.view(-1).index_select(0, self._flat_kept) < 1
+        self._multi = self._slot_scale.view(-1) < 1  # 1 / members: a slot with more than one member
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         mean = super().merge(x)
@@ -170,4 +169,4 @@ class ToFu(CellMethod, MethodConfig):
         plan = plan_from_matching(*matching, x.shape[1], prune=prune)
         if prune or not self.mlerp:
             return plan
-        return MlerpPlan(kept=plan.kept, assign=plan.assign, num_dst=plan.num_dst, merge_weight=plan.merge_weight)
+        return MlerpPlan(kept=plan.kept, assign=plan.assign, num_dst=plan.num_dst)
