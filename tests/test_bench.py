@@ -228,3 +228,18 @@ def test_plan_every_over_several_steps_counts_fewer_plans(tmp_path):
     assert fresh["unpatched"]["gflops"] == reused["unpatched"]["gflops"]  # per call, whatever --steps
     assert float(reused["tome"]["gflops"]) < float(fresh["tome"]["gflops"])  # half the similarity matmuls
     assert "--plan-every 2 --steps 2" in (tmp_path / "reused" / "bench.md").read_text()
+
+
+def test_flops_are_counted_on_the_meta_device_for_a_method_that_follows_the_run():
+    """DiT's timestep is a device tensor: on 'meta' it has no value, and the step clock counts calls instead."""
+    meta = torch.device("meta")
+    dit = bench.build_denoiser(bench.model_config("dit", tiny=True), meta, torch.float32)
+    inputs, kwargs = bench.step_inputs(dit, 128, 1, meta, torch.float32)
+
+    def step():
+        with torch.no_grad():
+            dit(*inputs, **kwargs)
+
+    base = bench.count_flops(step)
+    with tokenmerge.patched(dit, bench.method_config("importance", 0.5, (16, 16), meta, False, 0, family="dit")):
+        assert 0 < bench.count_flops(step) < base

@@ -64,7 +64,7 @@ class RunClock:
             self.step = 0 if new_run else self.step + 1
             self.progress = self.step / self._total
             return new_run
-        if not read_timestep:
+        if not read_timestep or getattr(timestep, "is_meta", False):  # a meta tensor (FLOP counting) has no value
             self.step += 1
             return self.step == 0
         t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
