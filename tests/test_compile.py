@@ -78,17 +78,21 @@ def test_inductor_matches_eager(sd1_unet, config):
 @pytest.mark.parametrize("config,reads", [(ToMe(use_rand=False), False), (ToMe(), True),
                                           (SiTo(base="V"), False), (ImportanceMerge(), True)])
 def test_bare_denoiser_reads_the_timestep_only_when_plans_depend_on_the_run(sd1_unet, config, reads):
-    """Reading a device timestep is a host sync (and a graph break): a meta tensor has no value to read."""
+    """Reading a device timestep is a host sync (and a graph break): the probe raises when its value is read."""
+    class Unreadable:
+        def __float__(self):
+            raise RuntimeError("the timestep was read")
+
     tokenmerge.apply(sd1_unet, config)
     state = sd1_unet._tokenmerge
     sample = torch.zeros(2, 4, 16, 16)
     try:
         if reads:
-            with pytest.raises(RuntimeError):
-                state.begin_call(sample, torch.tensor(500, device="meta"))
+            with pytest.raises(RuntimeError, match="timestep was read"):
+                state.begin_call(sample, Unreadable())
         else:
             for expected_step in (0, 1):
-                state.begin_call(sample, torch.tensor(500, device="meta"))
+                state.begin_call(sample, Unreadable())
                 assert state.clock.step == expected_step
     finally:
         tokenmerge.remove(sd1_unet)

@@ -5,8 +5,9 @@
 The denoisers are built from the architecture configs shipped in ``tokenmerge/configs`` (no weights are
 downloaded: the weights are random, which does not change the cost of a step). For every model and
 resolution, every variant (method x ratio, and the unpatched baseline) runs one step on a CFG batch
-(``[uncond; cond]``, batch ``2 x --images``; LCM: ``--images``, no CFG; AnimateDiff: videos of 16 frames; each
-family's inputs come from its function in ``FAMILY_INPUTS``): warm-up, then ``--repeats`` interleaved rounds
+(``[uncond; cond]``, batch ``2 x --images``; LCM: ``--images``, no CFG; AnimateDiff: videos of 16 frames;
+Zero123++: six views tiled in a 960x640 image, after a reference pass; each family's inputs come from its function
+in ``FAMILY_INPUTS``; ``--steps S`` makes a sample S calls of one run, reported per call): warm-up, then ``--repeats`` interleaved rounds
 (one run of each variant per round), so that drifts of the machine hit all variants alike. Per variant it reports:
 
 * time: median, min and max of the runs; CUDA events on GPU (the bench syncs only on the end event; the
