@@ -156,9 +156,14 @@ def cfg_batch(denoiser: nn.Module, images: int) -> int:
     return images if family(denoiser) == "lcm" else 2 * images
 
 
+def pixels(size: Size) -> tuple[int, int]:
+    """``(height, width)`` in pixels."""
+    return (size, size) if isinstance(size, int) else size
+
+
 def latent_size(size: Size) -> tuple[int, int]:
     """The latent ``(height, width)`` of an image size (VAE factor 8)."""
-    height, width = (size, size) if isinstance(size, int) else size
+    height, width = pixels(size)
     return height // 8, width // 8
 
 
@@ -176,7 +181,7 @@ def step_inputs(denoiser: nn.Module, size: Size, images: int, device: torch.devi
     tokenmerge's step clock reads it without a device-to-host sync, and the U-Net copies it to the device
     first thing in its forward, when nothing but the start event is queued.
     """
-    height, width = (size, size) if isinstance(size, int) else size
+    height, width = pixels(size)
     config, latent = getattr(denoiser, "unet", denoiser).config, latent_size(size)
     gen = torch.Generator().manual_seed(seed)
 
