@@ -105,7 +105,8 @@ def test_family_step_inputs_and_the_lcm_importance_preset():
     config = bench.method_config("importance", 0.5, (16, 16), cpu, True, 0, family="lcm")
     with tokenmerge.patched(lcm, config):
         assert tokenmerge.current_config(lcm).importance == "crossattn"
-    assert bench.method_config("importance", 0.5, (16, 16), cpu, True, 0, family="animatediff").importance.shape == (16, 16)
+    video_config = bench.method_config("importance", 0.5, (16, 16), cpu, True, 0, family="animatediff")
+    assert video_config.importance.shape == (16, 16)
 
 
 def test_a_ratio_out_of_a_methods_range_is_reported_as_invalid(tmp_path):

@@ -2,13 +2,14 @@
 
     tokenmerge bench --models sd15 --sizes 512 --ratios 0.5 --methods unpatched,tomesd,tome,importance
 
-The denoisers are built from the architecture configs shipped in ``tokenmerge/configs`` (no weights are
-downloaded: the weights are random, which does not change the cost of a step). For every model and
-resolution, every variant (method x ratio, and the unpatched baseline) runs one step on a CFG batch
-(``[uncond; cond]``, batch ``2 x --images``; LCM: ``--images``, no CFG; AnimateDiff: videos of 16 frames;
-Zero123++: six views tiled in a 960x640 image, after a reference pass; each family's inputs come from its function
-in ``FAMILY_INPUTS``; ``--steps S`` makes a sample S calls of one run, reported per call): warm-up, then ``--repeats`` interleaved rounds
-(one run of each variant per round), so that drifts of the machine hit all variants alike. Per variant it reports:
+The denoisers are built from the architecture configs shipped in ``tokenmerge/configs`` (no weights are downloaded:
+the weights are random, which does not change the cost of a step). For every model and resolution, every variant
+(method x ratio, and the unpatched baseline) runs one step on a CFG batch (``[uncond; cond]``,
+batch ``2 x --images``; LCM: ``--images``, no CFG; AnimateDiff: videos of 16 frames; Zero123++: six views tiled
+in a 960x640 image, after a reference pass; each family's inputs come from its function in ``FAMILY_INPUTS``;
+``--steps S`` makes a sample S calls of one run, reported per call): warm-up, then ``--repeats`` interleaved
+rounds (one run of each variant per round), so that drifts of the machine hit all variants alike. Per variant
+it reports:
 
 * time: median, min and max of the runs; CUDA events on GPU (the bench syncs only on the end event; the
   U-Net itself copies its CPU timestep to the device first thing, when nothing is queued yet),
@@ -107,7 +108,8 @@ def model_config(name: str, tiny: bool = False) -> dict:
     """The diffusers config (``_class_name`` included) of a model: shipped full-size, or tiny."""
     spec = MODELS[parse_names(name, MODELS, "model")[0]]
     if tiny:
-        from .tiny import DIT_CONFIG, LCM_TIME_COND_DIM, MOTION_CONFIG, PIXART_CONFIG, ZERO123PP_UNET_CONFIG, unet_config
+        from .tiny import (DIT_CONFIG, LCM_TIME_COND_DIM, MOTION_CONFIG, PIXART_CONFIG, ZERO123PP_UNET_CONFIG,
+                           unet_config)
 
         tiny_configs = {
             "pixart": ("PixArtTransformer2DModel", PIXART_CONFIG),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+import tokenmerge
 from tokenmerge import ImportanceMerge, ReToM, SiTo, ToFu, ToMe
 
 #: One config of every method, seeded, at a ratio each accepts.
@@ -29,3 +32,23 @@ class CountingProcessor(AttnProcessor2_0):
 def no_hooks_left(model: torch.nn.Module) -> bool:
     return not hasattr(model, "_tokenmerge") and all(
         not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+def check_ratio_zero_is_identical(model: torch.nn.Module, call: Callable, config, timesteps=(950, 500)) -> None:
+    """Patched at ratio 0, every call (``call(model, t=t)``) equals the unpatched model's bit for bit."""
+    expected = [call(model, t=t) for t in timesteps]
+    with tokenmerge.patched(model, config):
+        assert all(torch.equal(call(model, t=t), e) for t, e in zip(timesteps, expected))
+
+
+def check_merges_and_restores(model: torch.nn.Module, call: Callable, config, timesteps=(950, 500)
+                              ) -> list[torch.Tensor]:
+    """Every patched call is finite and differs from the unpatched output; ``remove`` restores it bit for bit and
+    leaves no hook. Returns the patched outputs."""
+    unpatched = call(model)
+    tokenmerge.apply(model, config)
+    merged = [call(model, t=t) for t in timesteps]
+    tokenmerge.remove(model)
+    assert all(torch.isfinite(m).all() and not torch.allclose(m, unpatched, atol=1e-5) for m in merged)
+    assert torch.equal(call(model), unpatched) and no_hooks_left(model)
+    return merged

@@ -9,7 +9,8 @@ import tokenmerge
 from tokenmerge import ImportanceMerge, ToMe
 from tokenmerge.tiny import tiny_motion_unet
 
-from .helpers import EVERY_METHOD, METHOD_IDS, CountingProcessor, no_hooks_left
+from .helpers import (EVERY_METHOD, METHOD_IDS, CountingProcessor, check_merges_and_restores,
+                      check_ratio_zero_is_identical)
 
 FRAMES = 4
 
@@ -30,19 +31,13 @@ def call(unet, batch=2, t=500, seed=0, latents=None):
 
 @pytest.mark.parametrize("config", [ToMe(ratio=0.0), ImportanceMerge(ratio=0.0), ToMe(ratio=0.0, temporal_ratio=0.0)])
 def test_ratio_zero_is_bit_identical(motion_unet, config):
-    expected = [call(motion_unet, t=t) for t in (950, 500)]
-    with tokenmerge.patched(motion_unet, config):
-        assert all(torch.equal(call(motion_unet, t=t), e) for t, e in zip((950, 500), expected))
+    check_ratio_zero_is_identical(motion_unet, call, config)
 
 
 @pytest.mark.parametrize("config", EVERY_METHOD, ids=METHOD_IDS)
 def test_every_method_runs_and_remove_restores_bit_identical_outputs(motion_unet, config):
-    unpatched = call(motion_unet)
-    tokenmerge.apply(motion_unet, config)
-    merged = [call(motion_unet, t=t) for t in (950, 500)]
-    tokenmerge.remove(motion_unet)
-    assert all(m.shape == (2, 4, FRAMES, 16, 16) and not torch.allclose(m, unpatched, atol=1e-5) for m in merged)
-    assert torch.equal(call(motion_unet), unpatched) and no_hooks_left(motion_unet)
+    merged = check_merges_and_restores(motion_unet, call, config)
+    assert all(m.shape == (2, 4, FRAMES, 16, 16) for m in merged)
 
 
 def test_preset_and_temporal_merging_off_by_default(motion_unet):

@@ -12,7 +12,8 @@ from tokenmerge import ImportanceMerge, ToMe
 from tokenmerge.models.transformer import block_range
 from tokenmerge.tiny import tiny_dit, tiny_pixart, tiny_unet
 
-from .helpers import EVERY_METHOD, METHOD_IDS, CountingProcessor, no_hooks_left
+from .helpers import (EVERY_METHOD, METHOD_IDS, CountingProcessor, check_merges_and_restores,
+                      check_ratio_zero_is_identical)
 
 GEN = torch.Generator()
 
@@ -46,21 +47,13 @@ def family(request):
 @pytest.mark.parametrize("config", [ToMe(ratio=0.0), ImportanceMerge(ratio=0.0)], ids=["tome", "importance"])
 def test_ratio_zero_is_bit_identical(family, config):
     _, model, call = family
-    expected = [call(model, t=t) for t in (950, 500)]
-    with tokenmerge.patched(model, config):
-        assert all(torch.equal(call(model, t=t), e) for t, e in zip((950, 500), expected))
+    check_ratio_zero_is_identical(model, call, config)
 
 
 @pytest.mark.parametrize("config", EVERY_METHOD, ids=METHOD_IDS)
 def test_every_method_runs_and_remove_restores_bit_identical_outputs(family, config):
     _, model, call = family
-    unpatched = call(model)
-    tokenmerge.apply(model, config)
-    merged = [call(model, t=t) for t in (950, 700, 400)]
-    tokenmerge.remove(model)
-    assert all(torch.isfinite(m).all() and not torch.allclose(m, unpatched, atol=1e-5) for m in merged)
-    assert torch.equal(call(model), unpatched)
-    assert no_hooks_left(model)
+    check_merges_and_restores(model, call, config, timesteps=(950, 700, 400))
 
 
 def test_pixart_preset_merges_self_and_cross_attention_of_the_middle_half():

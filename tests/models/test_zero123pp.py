@@ -9,7 +9,7 @@ import tokenmerge
 from tokenmerge import ImportanceMerge, ToMe
 from tokenmerge.tiny import ReferenceAttnProcessor, tiny_zero123pp
 
-from .helpers import EVERY_METHOD, METHOD_IDS, no_hooks_left
+from .helpers import EVERY_METHOD, METHOD_IDS, check_merges_and_restores, check_ratio_zero_is_identical
 
 VIEW = 8  # latent side of one view (320 px / 8 = 40 in the real model)
 TILED = (3 * VIEW, 2 * VIEW)  # six views, 3 rows x 2 columns
@@ -31,19 +31,12 @@ def call(model, t=500, seed=0):
 
 @pytest.mark.parametrize("config", [ToMe(ratio=0.0), ImportanceMerge(ratio=0.0)], ids=["tome", "importance"])
 def test_ratio_zero_is_bit_identical(model, config):
-    expected = [call(model, t=t) for t in (950, 500)]
-    with tokenmerge.patched(model, config):
-        assert all(torch.equal(call(model, t=t), e) for t, e in zip((950, 500), expected))
+    check_ratio_zero_is_identical(model, call, config)
 
 
 @pytest.mark.parametrize("config", EVERY_METHOD, ids=METHOD_IDS)
 def test_every_method_runs_and_remove_restores_bit_identical_outputs(model, config):
-    unpatched = call(model)
-    tokenmerge.apply(model, config)
-    merged = [call(model, t=t) for t in (950, 500)]
-    tokenmerge.remove(model)
-    assert all(torch.isfinite(m).all() and not torch.allclose(m, unpatched, atol=1e-5) for m in merged)
-    assert torch.equal(call(model), unpatched) and no_hooks_left(model)
+    check_merges_and_restores(model, call, config)
 
 
 class Recording(ReferenceAttnProcessor):
