@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tokenmerge import ImportanceMerge, ToMe
+from tokenmerge import plan as plan_module
 from tokenmerge.methods.base import PlanContext
 from tokenmerge.plan import (
     DESTINATION,
@@ -595,6 +596,55 @@ def test_gather_tokens(batch, n, c, seed, data):
     out = gather_tokens(x, expanded)
     for b in range(batch):
         assert torch.equal(out[b], x[b, indices[0]])
+
+
+SHARING_METHODS = [ToMe(ratio=0.5, use_rand=False), ToMe(ratio=0.5), ToMe(ratio=0.5, match_window=1),
+                   ImportanceMerge(ratio=0.5, prune_steps=0.0), ImportanceMerge(ratio=0.5, prune_steps=1.0)]
+
+
+def sharing_plans(seed: int) -> list[MergePlan]:
+    """A plan of every method that reads shape constants, on a 10 x 12 grid with a CFG batch of 2."""
+    x = randn(2, 120, 8, seed=seed)
+    plans = []
+    for method in SHARING_METHODS:
+        ctx = PlanContext(grid=(10, 12), generator=torch.Generator().manual_seed(seed), cfg_pairs=True,
+                          prune_phase=getattr(method, "prune_steps", 0.0) > 0, importance=randn(1, 120, seed=seed + 1))
+        plan = method.make_plan(x, ctx)
+        plan.unmerge(plan.merge(x))
+        plans.append(plan)
+    return plans
+
+
+def test_shape_constants_are_built_once_and_never_written(monkeypatch):
+    """Plans share the index tensors of a grid (made once, not per block and step); no plan may write into them."""
+    monkeypatch.setattr(plan_module, "_SHAPE_CONSTANTS", {})
+    fresh = sharing_plans(seed=0)
+    cache = plan_module._SHAPE_CONSTANTS
+    assert {key[0] for key in cache} >= {"cell corners", "cell sources", "window candidates", "batch offsets"}
+    before = {key: tuple(t.clone() for t in torch.utils._pytree.tree_leaves(v)) for key, v in cache.items()}
+    objects = {key: id(value) for key, value in cache.items()}
+    warm = sharing_plans(seed=0)
+    sharing_plans(seed=1)
+    assert {key: id(value) for key, value in cache.items() if key in objects} == objects  # reused, not rebuilt
+    for key, tensors in before.items():
+        for saved, now in zip(tensors, torch.utils._pytree.tree_leaves(cache[key])):
+            assert torch.equal(saved, now), key
+    for a, b in zip(fresh, warm):  # a plan from the cache is the plan built from scratch
+        assert torch.equal(a.kept, b.kept) and torch.equal(a.assign, b.assign)
+
+
+def test_shape_constants_made_in_inference_mode_serve_autograd(monkeypatch):
+    """Built inside ``torch.inference_mode`` (a pipeline may run there), the constants are ordinary tensors, so
+    a later plan with gradients (fine-tuning through the patch) can save them for backward."""
+    monkeypatch.setattr(plan_module, "_SHAPE_CONSTANTS", {})
+    with torch.inference_mode():
+        sharing_plans(seed=0)
+    assert not any(t.is_inference() for v in plan_module._SHAPE_CONSTANTS.values()
+                   for t in torch.utils._pytree.tree_leaves(v))
+    x = randn(2, 120, 8, seed=2).requires_grad_()
+    plan = ToMe(ratio=0.5, use_rand=False, match_window=1).make_plan(x, PlanContext(grid=(10, 12)))
+    plan.unmerge(plan.merge(x)).square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_plan_from_matching_by_hand():

@@ -12,6 +12,7 @@ keeps the methods short and makes the invariants testable in one place:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,38 @@ import torch.nn.functional as F
 
 # Destination roles, as drawn in the computation maps (see tokenmerge.viz).
 MERGED, DESTINATION, INDEPENDENT = 0, 1, 2
+
+_SHAPE_CONSTANTS: dict[tuple, object] = {}
+_MAX_SHAPE_CONSTANTS = 512
+
+
+def shape_constant(key: tuple, build: Callable[[], object]) -> object:
+    """Index tensors that depend only on shapes (and the device), built once per ``key`` and shared.
+
+    A plan is a few dozen small kernels; on a GPU each costs its launch whatever the token count, so the
+    index tensors every plan of a grid needs (cell corners, aranges, batch offsets) are made once, not per
+    block and step. Callers must not modify the returned tensor in place. Under ``torch.compile`` the tensor
+    is built in the graph (where it is constant-folded) instead of read from this cache.
+    """
+    if torch.compiler.is_compiling():
+        return build()
+    value = _SHAPE_CONSTANTS.get(key)
+    if value is None:
+        if len(_SHAPE_CONSTANTS) >= _MAX_SHAPE_CONSTANTS:
+            _SHAPE_CONSTANTS.clear()
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable in and out of inference mode
+            value = _SHAPE_CONSTANTS[key] = build()
+    return value
+
+
+def arange_of(n: int, device: torch.device | str) -> torch.Tensor:
+    """``torch.arange(n)`` on ``device``, shared (see :func:`shape_constant`)."""
+    return shape_constant(("arange", n, torch.device(device)), lambda: torch.arange(n, device=device))
+
+
+def _batch_offsets(batch: int, n: int, device: torch.device) -> torch.Tensor:
+    """``(B, 1)`` first flat row of each batch element, for rows of ``n`` tokens."""
+    return shape_constant(("batch offsets", batch, n, device), lambda: torch.arange(batch, device=device)[:, None] * n)
 
 
 @dataclass(eq=False)
@@ -48,15 +81,15 @@ class MergePlan:
     def __post_init__(self) -> None:
         batch, n = self.assign.shape
         m = self.kept.shape[1]
-        offsets = torch.arange(batch, device=self.assign.device)[:, None]
+        device = self.assign.device
         # Flattened (batch * tokens) row indices let merge/unmerge be one index op each.
-        self._flat_kept = (self.kept + offsets * n).reshape(-1)
-        self._flat_assign = (self.assign + offsets * m).reshape(-1)
+        self._flat_kept = (self.kept + _batch_offsets(batch, n, device)).reshape(-1)
+        self._flat_assign = (self.assign + _batch_offsets(batch, m, device)).reshape(-1)
         if not self.prune and self.merge_weight is None:
             # A plain mean: merge sums each slot's members and scales the M slot rows by 1 / members, which
             # touches N x C values once (weighting the N rows first was 1.2-3.8x slower on CPU).
-            counts = torch.zeros(batch, m, device=self.assign.device, dtype=torch.float32)
-            counts.scatter_add_(1, self.assign, torch.ones_like(self.assign, dtype=torch.float32))
+            one = shape_constant(("one", device), lambda: torch.ones((), device=device))
+            counts = torch.zeros(batch, m, device=device).scatter_add_(1, self.assign, one.expand(batch, n))
             self._slot_scale = counts.reciprocal_().reshape(-1, 1)
 
     @property
@@ -132,12 +165,12 @@ def plan_from_matching(
     """
     batch, num_dst = dst.shape
     num_ind = kept_src.shape[1]
+    slots = arange_of(num_dst + num_ind, dst.device)
     # A source token maps to its destination's slot, unless it is kept as an independent token.
-    src_slot = nearest_dst.clone()
-    src_slot.scatter_(1, kept_src, torch.arange(num_dst, num_dst + num_ind, device=dst.device).expand(batch, -1))
+    src_slot = nearest_dst.scatter(1, kept_src, slots[num_dst:].expand(batch, -1))
     assign = torch.empty(batch, num_tokens, dtype=torch.long, device=dst.device)
     assign.scatter_(1, src, src_slot)
-    assign.scatter_(1, dst, torch.arange(num_dst, device=dst.device).expand(batch, -1))
+    assign.scatter_(1, dst, slots[:num_dst].expand(batch, -1))
     kept = torch.cat([dst, src.gather(1, kept_src)], dim=1)
     return MergePlan(kept=kept, assign=assign, num_dst=num_dst, prune=prune)
 
@@ -152,15 +185,19 @@ def cell_destinations(
     cell's top-left token. Tokens in the partial cells at the right/bottom edge are never destinations.
     """
     cells_y, cells_x = height // sy, width // sx
+    device = torch.device(device)
+
+    def build() -> torch.Tensor:
+        rows = torch.arange(cells_y, device=device)[:, None] * (sy * width)
+        return (rows + torch.arange(cells_x, device=device) * sx).reshape(1, -1)
+
+    corners = shape_constant(("cell corners", height, width, sy, sx, device), build)  # (1, cells), top-left tokens
     if generator is None:
-        offset = torch.zeros(batch, cells_y, cells_x, dtype=torch.long, device=device)
-    else:
-        # Drawn with the same shape and order as tomesd, so a fork of the same RNG state gives the same cells.
-        offset = torch.randint(sy * sx, size=(batch * cells_y, cells_x, 1), generator=generator,
-                               device=generator.device).to(device).view(batch, cells_y, cells_x)
-    rows = torch.arange(cells_y, device=device)[:, None] * sy + offset // sx
-    cols = torch.arange(cells_x, device=device)[None, :] * sx + offset % sx
-    return (rows * width + cols).reshape(batch, -1)
+        return corners.expand(batch, -1)
+    # Drawn with the same shape and order as tomesd, so a fork of the same RNG state gives the same cells.
+    offset = torch.randint(sy * sx, size=(batch * cells_y, cells_x, 1), generator=generator,
+                           device=generator.device).to(device).view(batch, -1)
+    return corners + offset // sx * width + offset % sx
 
 
 def complement(indices: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -174,22 +211,32 @@ def complement(indices: torch.Tensor, num_tokens: int) -> torch.Tensor:
 
 
 def gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """``x[b, indices[b]]`` for ``x`` of shape ``(B, N, C)`` and ``indices`` of shape ``(B, K)``."""
-    return x.gather(1, indices[..., None].expand(-1, -1, x.shape[-1]))
+    """``x[b, indices[b]]`` for ``x`` of shape ``(B, N, C)`` and ``indices`` of shape ``(B, K)``.
+
+    Whole rows are copied (``index_select``): an element-wise ``gather`` with the index expanded over the
+    channels was 5-10x slower on CPU.
+    """
+    batch, num_tokens, channels = x.shape
+    if indices.shape[0] == batch and indices.stride(0) == 0:  # the same tokens in every batch element
+        return x.index_select(1, indices[0])
+    rows = (indices + _batch_offsets(indices.shape[0], num_tokens, x.device)).reshape(-1)
+    return x.reshape(batch * num_tokens, channels).index_select(0, rows).view(*indices.shape, channels)
 
 
 def nearest_destination(
-    src: torch.Tensor, dst: torch.Tensor, max_elements: int = 1 << 26
+    src: torch.Tensor, dst: torch.Tensor, max_elements: int = 1 << 26, normalized: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine similarity of every source token to its most similar destination.
 
     ``src (B, S, C)``, ``dst (B, D, C)`` -> ``(best similarity (B, S), best destination (B, S))``.
     The ``S x D`` score matrix is built in row chunks of at most ``max_elements`` entries so that
     memory stays bounded at high resolution; the result is the same as one full matrix.
+    ``normalized=True``: the tokens already have unit norm (normalised once before splitting them).
     """
-    # normalize clamps the norm, so an all-zero token has similarity 0, not NaN (which max() would pick).
-    src = F.normalize(src, dim=-1)
-    dst = F.normalize(dst, dim=-1)
+    if not normalized:
+        # normalize clamps the norm, so an all-zero token has similarity 0, not NaN (which max() would pick).
+        src = F.normalize(src, dim=-1)
+        dst = F.normalize(dst, dim=-1)
     batch, num_src, _ = src.shape
     rows = max(1, max_elements // max(1, batch * dst.shape[1]))
     if rows >= num_src:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..plan import gather_tokens, nearest_destination
+from ..plan import arange_of, gather_tokens, nearest_destination, shape_constant
 
 MATCHES = ("features", "grid")
 
@@ -50,7 +50,8 @@ def nearest(x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, grid: tuple[i
         return similarity.expand(batch, -1), where.expand(batch, -1)
     if src.shape[0] != x.shape[0]:
         src, dst = src.expand(x.shape[0], -1), dst.expand(x.shape[0], -1)
-    return nearest_destination(gather_tokens(x, src), gather_tokens(x, dst))
+    x = F.normalize(x, dim=-1)  # once for sources and destinations (three kernels fewer than normalising each)
+    return nearest_destination(gather_tokens(x, src), gather_tokens(x, dst), normalized=True)
 
 
 def nearest_on_grid(src: torch.Tensor, dst: torch.Tensor, width: int,
@@ -106,7 +107,9 @@ def nearest_in_window(x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, gri
     rounding of the dot products).
     """
     batch = x.shape[0]
-    candidates = window_candidates(src, grid, sy, sx, window)  # (1 or B, S, K)
+    table = shape_constant(("window candidates", grid, sy, sx, window, src.device),
+                           lambda: window_candidates(arange_of(grid[0] * grid[1], src.device), grid, sy, sx, window))
+    candidates = table[src]  # (1 or B, S, K)
     if match == "grid":
         width = grid[1]
         dst_tokens = dst.gather(1, candidates.flatten(1)).view_as(candidates)
@@ -135,14 +138,12 @@ def window_similarity(x: torch.Tensor, dst: torch.Tensor, grid: tuple[int, int],
     cells = cells_y * cells_x
     x = F.normalize(x, dim=-1)
     flat_dst = gather_tokens(x, dst.expand(batch, -1)).reshape(batch * cells, channels)
-    offsets = torch.arange(batch, device=x.device)[:, None, None] * cells
+    rows, edge, edge_rows = shape_constant(("window rows", grid, sy, sx, window, batch, x.device),
+                                           lambda: _window_rows(grid, sy, sx, window, batch, x.device))
 
     full = x.view(batch, height, width, channels)[:, : cells_y * sy, : cells_x * sx]
     full = full.reshape(batch, cells_y, sy, cells_x, sx, channels).permute(0, 1, 3, 2, 4, 5)
     full = full.reshape(batch * cells, sy * sx, channels)
-    corner = (torch.arange(cells_y, device=x.device)[:, None] * sy * width
-              + torch.arange(cells_x, device=x.device)[None, :] * sx).reshape(1, -1)
-    rows = (window_candidates(corner, grid, sy, sx, window) + offsets).reshape(batch * cells, -1)
     k = rows.shape[-1]
     step = max(1, max_elements // (k * channels))
     parts = [torch.bmm(full[i : i + step], flat_dst.index_select(0, rows[i : i + step].reshape(-1))
@@ -153,16 +154,29 @@ def window_similarity(x: torch.Tensor, dst: torch.Tensor, grid: tuple[int, int],
         .reshape(batch, cells_y * sy, cells_x * sx, k))
     similarity = similarity.view(batch, num_tokens, k)
 
-    # The partial edge cells, from the grid's sizes alone (a boolean mask would sync with the host on CUDA).
-    right = (torch.arange(cells_y * sy, device=x.device)[:, None] * width
-             + torch.arange(cells_x * sx, width, device=x.device)[None, :]).reshape(-1)
-    edge = torch.cat([right, torch.arange(cells_y * sy * width, num_tokens, device=x.device)])
-    if edge.numel():
-        edge_rows = (window_candidates(edge[None], grid, sy, sx, window) + offsets).reshape(-1)
+    if edge.numel():  # the few tokens of the partial edge cells
         edge_dst = flat_dst.index_select(0, edge_rows).view(batch * edge.numel(), k, channels)
         edge_x = x.index_select(1, edge).reshape(batch * edge.numel(), 1, channels)
         similarity[:, edge] = torch.bmm(edge_x, edge_dst.transpose(1, 2)).view(batch, -1, k)
     return similarity
+
+
+def _window_rows(grid: tuple[int, int], sy: int, sx: int, window: int, batch: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The index tensors :func:`window_similarity` needs, from the grid's sizes alone (a boolean mask would sync
+    with the host on CUDA): each full cell's candidate rows in the flat ``(B * cells)`` destinations
+    ``(B * cells, K)``, the tokens of the partial edge cells ``(E,)`` and their candidate rows ``(B * E * K,)``."""
+    height, width = grid
+    cells_y, cells_x = height // sy, width // sx
+    offsets = torch.arange(batch, device=device)[:, None, None] * (cells_y * cells_x)
+    corner = (torch.arange(cells_y, device=device)[:, None] * sy * width
+              + torch.arange(cells_x, device=device)[None, :] * sx).reshape(1, -1)
+    rows = (window_candidates(corner, grid, sy, sx, window) + offsets).reshape(batch * cells_y * cells_x, -1)
+    right = (torch.arange(cells_y * sy, device=device)[:, None] * width
+             + torch.arange(cells_x * sx, width, device=device)[None, :]).reshape(-1)
+    edge = torch.cat([right, torch.arange(cells_y * sy * width, height * width, device=device)])
+    edge_rows = (window_candidates(edge[None], grid, sy, sx, window) + offsets).reshape(-1)
+    return rows, edge, edge_rows
 
 
 def window_covers(grid: tuple[int, int], sy: int, sx: int, window: int | None) -> bool:

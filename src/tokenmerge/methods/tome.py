@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..plan import MergePlan, cell_destinations, complement, plan_from_matching
+from ..plan import MergePlan, cell_destinations, complement, plan_from_matching, shape_constant
 from .base import MethodConfig, PlanContext
 from .matching import check_match, check_match_window, nearest, nearest_in_window, window_covers
 
@@ -123,7 +123,11 @@ def cell_matching(x: torch.Tensor, ctx: PlanContext, ratio: float, sx: int, sy: 
     use_rand = use_rand and batch % 2 == 0
     dst = cell_destinations(height, width, sy, sx, generator=ctx.generator if use_rand else None,
                             device=x.device).expand(batch, -1)
-    src = complement(dst[:1], num_tokens).expand(batch, -1)
+    if use_rand:
+        src = complement(dst[:1], num_tokens)
+    else:  # the top-left tokens: the same sources at every call
+        src = shape_constant(("cell sources", height, width, sy, sx, x.device), lambda: complement(dst[:1], num_tokens))
+    src = src.expand(batch, -1)
     if window_covers(ctx.grid, sy, sx, match_window):
         similarity, closest = nearest(x, src, dst, ctx.grid, match)
     else:
