@@ -1,0 +1,113 @@
+"""Peak memory of one denoiser step, unpatched vs tomesd vs tokenmerge, counted on the meta device (no weights in
+memory, no GPU: seconds to minutes on any machine): the bytes of the tensors alive at once, weights excluded.
+
+    python benchmarks/peak_memory.py --models sd15 --sizes 1024,2048 --ratios 0.5,0.75
+
+On the meta device ``scaled_dot_product_attention`` would take its math path and hold the N x N scores; a GPU
+runs flash attention, which holds none. Here it is modelled as that fused kernel: the output (and a ``(B, H, N)``
+log-sum-exp) and nothing else. Everything else (the similarity matrices of the plans included) is counted as
+eager PyTorch allocates it (a storage counts from the op that makes it until its last reference dies), without
+the caching allocator's rounding and fragmentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import tokenmerge
+from tokenmerge import bench
+
+
+class FusedAttention(TorchFunctionMode):
+    """SDPA as flash attention allocates: its output and a float32 log-sum-exp, no score matrix."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            query, value = args[0], args[2] if len(args) > 2 else kwargs["value"]
+            lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
+            del lse
+            return query.new_empty(*query.shape[:-1], value.shape[-1])
+        return func(*args, **kwargs)
+
+
+class LiveBytes(TorchDispatchMode):
+    """The bytes of the storages that ops made and that are still referenced, and their peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.bytes = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()  # one Python object per storage while it lives
+                if id(storage) not in self.live and id(storage) not in inputs:  # not a view of a weight
+                    self.live[id(storage)] = storage.nbytes()
+                    self.bytes += storage.nbytes()
+                    weakref.finalize(storage, self._free, id(storage))
+        self.peak = max(self.peak, self.bytes)
+        return out
+
+    def _free(self, key: int) -> None:
+        self.bytes -= self.live.pop(key)
+
+
+def peak_mib(step) -> float:
+    """Peak MiB of the tensors made during one call of ``step`` (not the weights nor the inputs)."""
+    with FusedAttention(), LiveBytes() as live:
+        step()
+    return live.peak / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="sd15")
+    parser.add_argument("--sizes", default="1024,2048")
+    parser.add_argument("--ratios", default="0.5,0.75")
+    parser.add_argument("--methods", default="tomesd,tome,tome[merge_mlp],importance,importance[merge_mlp]")
+    parser.add_argument("--max-downsample", type=int, default=None, help="as tokenmerge bench's option")
+    args = parser.parse_args()
+    meta, dtype = torch.device("meta"), torch.float16
+    print("| model | px | method | ratio | peak MiB (weights excluded) | vs unpatched |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for model in args.models.split(","):
+        denoiser = bench.build_denoiser(bench.model_config(model), meta, dtype)
+        for size in bench.size_list(args.sizes):
+            inputs, kwargs = bench.step_inputs(denoiser, size, 1, meta, dtype)
+
+            def step() -> None:
+                with torch.no_grad():
+                    denoiser(*inputs, **kwargs)
+
+            label = bench.size_label(size)
+            base = peak_mib(step)
+            print(f"| {model} | {label} | unpatched | - | {base:.0f} | 1.00x |", flush=True)
+            for ratio in map(float, args.ratios.split(",")):
+                for spec in args.methods.split(","):
+                    method, _, options = spec.partition("[")
+                    if method == "tomesd":
+                        patch = bench.tomesd_patched(denoiser, ratio, use_rand=False)
+                    else:
+                        fields = {"max_downsample": args.max_downsample, "min_tokens": 0}
+                        fields.update({name: True for name in options.rstrip("]").split(";") if name})
+                        config = bench.method_config(method, ratio, bench.latent_size(size), meta, False, 0,
+                                                     fields=fields, family=bench.family(denoiser))
+                        patch = tokenmerge.patched(denoiser, config)
+                    with patch:
+                        peak = peak_mib(step)
+                    print(f"| {model} | {label} | {spec} | {ratio:g} | {peak:.0f} | {peak / base:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
