@@ -13,13 +13,10 @@ the caching allocator's rounding and fragmentation.
 from __future__ import annotations
 
 import argparse
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import tokenmerge
 from tokenmerge import bench
@@ -38,34 +35,9 @@ class FusedAttention(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class LiveBytes(TorchDispatchMode):
-    """The bytes of the storages that ops made and that are still referenced, and their peak."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.bytes = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                storage = tensor.untyped_storage()  # one Python object per storage while it lives
-                if id(storage) not in self.live and id(storage) not in inputs:  # not a view of a weight
-                    self.live[id(storage)] = storage.nbytes()
-                    self.bytes += storage.nbytes()
-                    weakref.finalize(storage, self._free, id(storage))
-        self.peak = max(self.peak, self.bytes)
-        return out
-
-    def _free(self, key: int) -> None:
-        self.bytes -= self.live.pop(key)
-
-
 def peak_mib(step) -> float:
     """Peak MiB of the tensors made during one call of ``step`` (not the weights nor the inputs)."""
-    with FusedAttention(), LiveBytes() as live:
+    with FusedAttention(), bench.LiveBytes() as live:
         step()
     return live.peak / 2**20
 

@@ -34,7 +34,9 @@ def test_end_to_end_writes_table_csv_and_plot_and_merging_cuts_flops(tmp_path, c
     assert list(methods) == ["unpatched", "tome", "importance"]  # unpatched always runs, as the baseline
     for row in methods.values():
         assert row["status"] == "ok" and row["runs"] == "1" and float(row["median_s"]) > 0
-        assert row["peak_mem_mib"] == ""  # CPU: no allocator peak
+        # CPU: the live tensors' peak plus the weights (the tiny U-Net's are ~5 MiB in float32)
+        assert float(row["peak_mem_mib"]) > bench.weight_bytes(bench.build_denoiser(
+            bench.model_config("sd15", tiny=True), "meta", torch.float32)) / 2**20
     unpatched = float(methods["unpatched"]["gflops"])
     for method in ("tome", "importance"):
         assert unpatched > float(methods[method]["gflops"]) > 0
@@ -45,6 +47,19 @@ def test_end_to_end_writes_table_csv_and_plot_and_merging_cuts_flops(tmp_path, c
     assert "tokenmerge bench --models sd15 --sizes 128 --ratios 0.5 --methods tome,importance" in table
     assert table.count("| sd15 | 128 |") == 3
     assert Image.open(tmp_path / "bench.png").size[0] > 100
+
+
+def test_live_bytes_counts_the_tensors_alive_at_once():
+    weight = torch.ones(1024)  # made before: not counted, nor are its views or in-place results
+    with bench.LiveBytes() as live:
+        a = torch.empty(256)  # 1 KiB
+        b = a * 2  # 2 KiB alive
+        weight.t().add_(0)
+        a.add_(1)
+        del a  # 1 KiB alive
+        c = torch.empty(512)  # 3 KiB alive: the peak
+        del b, c
+    assert (live.peak, live.bytes) == (3 * 1024, 0)
 
 
 def test_tomesd_runs_beside_tokenmerge_on_unets_and_transformers_merge_with_their_presets(tmp_path):

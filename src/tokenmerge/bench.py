@@ -14,8 +14,9 @@ it reports:
 * time: median, min and max of the runs; CUDA events on GPU (the bench syncs only on the end event; the
   U-Net itself copies its CPU timestep to the device first thing, when nothing is queued yet),
   ``time.perf_counter`` on CPU;
-* peak memory: ``torch.cuda.max_memory_allocated`` during the timed runs on GPU (weights included); None on
-  CPU, where the allocator keeps no peak (a process RSS delta would mostly measure the allocator's caching);
+* peak memory, weights included: ``torch.cuda.max_memory_allocated`` during the timed runs on GPU; on CPU, where
+  the allocator keeps no peak (and a process RSS would mostly measure its caching), the most bytes of tensors
+  alive at once during the FLOP-counting run (:class:`LiveBytes`), plus the weights;
 * FLOPs of one step, from ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention;
   not elementwise ops, gathers or sorting), the FLOP-bound speed-up ``unpatched FLOPs / variant FLOPs``
   and the achieved fraction of it, ``speed-up / FLOP bound``.
@@ -35,11 +36,13 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import itertools
 import json
 import os
 import statistics
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -47,6 +50,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .api import apply, patched, remove, skipped_blocks
 from .cli import METHODS as CONFIGS
@@ -377,6 +382,42 @@ def count_flops(step: Callable[[], object]) -> int:
     return mode.get_total_flops()
 
 
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of the tensors that ops make while it is active and that are still referenced, and their
+    peak: the memory a step needs, without any allocator's caching or rounding. Views and in-place results of an
+    op's inputs (a weight's transpose, say) add nothing; a storage counts until its last reference dies.
+    On the meta device, with attention modelled as flash attention, it came within 3% of the H100's
+    ``torch.cuda.max_memory_allocated`` for SD 1.5 at 2048 px (benchmarks/peak_memory.py, docs/benchmarks.md)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._live: dict[int, int] = {}
+        self.bytes = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()  # one Python object per storage while it lives
+                if id(storage) not in self._live and id(storage) not in inputs:
+                    self._live[id(storage)] = storage.nbytes()
+                    self.bytes += storage.nbytes()
+                    weakref.finalize(storage, self._free, id(storage))
+        self.peak = max(self.peak, self.bytes)
+        return out
+
+    def _free(self, key: int) -> None:
+        self.bytes -= self._live.pop(key)
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (each storage once)."""
+    storages = {id(t.untyped_storage()): t.untyped_storage().nbytes()
+                for t in itertools.chain(module.parameters(), module.buffers())}
+    return sum(storages.values())
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -462,8 +503,10 @@ def bench_resolution(denoiser: nn.Module, size: Size, args: argparse.Namespace) 
             variant.times.append(measure(variant, denoiser, step, args.device) / args.steps)
         log(f"  {size_label(size)} px: round {round_index + 1}/{args.repeats} done")
     for variant in runnable:
-        with variant.patch(denoiser):
+        with variant.patch(denoiser), (LiveBytes() if args.device.type != "cuda" else contextlib.nullcontext()) as live:
             variant.flops = count_flops(step) // args.steps
+        if live is not None:
+            variant.peak_bytes = weight_bytes(denoiser) + live.peak
         if variant.config is not None:
             variant.plan_seconds = plan_seconds(variant, denoiser, step, args.device) / args.steps
     return variants
