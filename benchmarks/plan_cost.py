@@ -2,11 +2,13 @@
 dispatches (each one or more kernels on a GPU, whatever the token count) and its time on this machine.
 
     OMP_NUM_THREADS=1 python benchmarks/plan_cost.py --tokens 256,1024,4096 --repeats 200
+    python benchmarks/plan_cost.py --device cuda --tokens 256,1024,4096,16384
     # against an older tree, interleaved in one process:
     git worktree add /tmp/base <rev> && OMP_NUM_THREADS=1 python benchmarks/plan_cost.py --baseline /tmp/base/src
 
 Kernels = aten ops other than views (view, expand, slice, ...), counted with a TorchDispatchMode after one
-warm-up plan (which builds the shape constants). Times are medians of ``--repeats`` interleaved plans.
+warm-up plan (which builds the shape constants). Times are medians of ``--repeats`` interleaved plans; on a GPU
+each plan is timed from a synchronised device to its last kernel's end (launches included).
 """
 
 from __future__ import annotations
@@ -51,13 +53,23 @@ def configs(package) -> dict[str, object]:
     }
 
 
-def plan_call(package, config, tokens: int, channels: int):
+def plan_call(package, config, tokens: int, channels: int, device: torch.device):
     side = int(tokens**0.5)
-    x = torch.randn(2, side * side, channels, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, side * side, channels, generator=torch.Generator().manual_seed(0)).to(device)
     ctx = package.methods.base.PlanContext(
-        grid=(side, side), generator=torch.Generator().manual_seed(0) if config.uses_rng else None, cfg_pairs=True,
-        importance=torch.rand(1, side * side, generator=torch.Generator().manual_seed(1)))
+        grid=(side, side), generator=torch.Generator(device).manual_seed(0) if config.uses_rng else None,
+        cfg_pairs=True, importance=torch.rand(1, side * side, generator=torch.Generator().manual_seed(1)).to(device))
     return lambda: config.make_plan(x, ctx)
+
+
+def seconds(call, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def load_baseline(src: str):
@@ -74,20 +86,23 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=320)
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--baseline", help="a tree's src/ directory to compare with (e.g. a git worktree)")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     import tokenmerge
 
+    device = torch.device(args.device)
     trees = {"now": tokenmerge}
     if args.baseline:
         trees = {"baseline": load_baseline(args.baseline), **trees}
     names = list(configs(tokenmerge))
     head = " | ".join(f"{tree} kernels | {tree} ms" for tree in trees)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"| method | tokens | {head} |" + (" speed-up |" if len(trees) == 2 else "")
-          + f"  ({torch.get_num_threads()} threads, batch 2 (CFG), C = {args.channels}, r = 0.5)")
+          + f"  ({where}, batch 2 (CFG), C = {args.channels}, r = 0.5)")
     print("| --- | --- |" + " --- | --- |" * len(trees) + (" --- |" if len(trees) == 2 else ""))
     for tokens in map(int, args.tokens.split(",")):
         for name in names:
-            calls = {tree: plan_call(pkg, configs(pkg)[name], tokens, args.channels) for tree, pkg in trees.items()}
+            calls = {tree: plan_call(pkg, configs(pkg)[name], tokens, args.channels, device) for tree, pkg in trees.items()}
             kernels, times = {}, {tree: [] for tree in trees}
             for tree, call in calls.items():
                 call()  # warm-up: builds the shape constants
@@ -96,9 +111,7 @@ def main() -> None:
                 kernels[tree] = counter.kernels
             for _ in range(args.repeats):  # interleaved
                 for tree, call in calls.items():
-                    start = time.perf_counter()
-                    call()
-                    times[tree].append(time.perf_counter() - start)
+                    times[tree].append(seconds(call, device))
             medians = {tree: statistics.median(t) * 1e3 for tree, t in times.items()}
             cells = " | ".join(f"{kernels[tree]} | {medians[tree]:.3f}" for tree in trees)
             ratio = f" {medians['baseline'] / medians['now']:.2f}x |" if len(trees) == 2 else ""

@@ -224,7 +224,7 @@ def test_blocks_below_min_tokens_are_reported(tmp_path):
 
 
 def test_placement_and_matching_options_reach_the_configs(tmp_path):
-    """--max-downsample, --min-tokens and --match-window set those fields of every tokenmerge method."""
+    """--max-downsample, --min-tokens, --match-window and --merge-mlp set those fields of every tokenmerge method."""
     rows = run_bench(tmp_path, "--models", "sd15", "--methods", "tome,importance", "--match-window", "1")
     methods = by_method(rows, "sd15")
     assert float(methods["tome"]["gflops"]) < float(methods["unpatched"]["gflops"])
@@ -234,6 +234,12 @@ def test_placement_and_matching_options_reach_the_configs(tmp_path):
                                  "--max-downsample", "2", "--min-tokens", "0"), "sdxl")
     assert float(deeper["tome"]["gflops"]) < float(base["tome"]["gflops"])  # a second level merged
     assert "--max-downsample 2 --min-tokens 0" in (tmp_path / "deep" / "bench.md").read_text()
+    mlp = by_method(run_bench(tmp_path / "mlp", "--models", "sd15", "--methods", "tome", "--merge-mlp"), "sd15")
+    # The feed-forward on the kept tokens too: the step's peak (there, not in the attention) drops.
+    assert float(mlp["tome"]["gflops"]) < float(mlp["unpatched"]["gflops"])
+    peak = float(mlp["unpatched"]["peak_mem_mib"])
+    assert float(mlp["tome"]["peak_mem_mib"]) < peak <= float(methods["tome"]["peak_mem_mib"])
+    assert "--merge-mlp" in (tmp_path / "mlp" / "bench.md").read_text()
 
 
 def test_plan_every_over_several_steps_counts_fewer_plans(tmp_path):

@@ -313,7 +313,7 @@ def tomesd_patched(denoiser: nn.Module, ratio: float, use_rand: bool) -> Iterato
 
 
 #: Config fields the bench's options set on every tokenmerge method (None: each method's default).
-FIELD_OPTIONS = ("max_downsample", "min_tokens", "match_window", "plan_every")
+FIELD_OPTIONS = ("max_downsample", "min_tokens", "match_window", "plan_every", "merge_mlp")
 
 
 def method_config(method: str, ratio: float, latent: tuple[int, int], device: torch.device, use_rand: bool, seed: int,
@@ -662,6 +662,7 @@ def command_line(args: argparse.Namespace) -> str:
             f"{f'--min-tokens {args.min_tokens} ' if args.min_tokens is not None else ''}"
             f"{f'--match-window {args.match_window} ' if args.match_window is not None else ''}"
             f"{f'--plan-every {args.plan_every} ' if args.plan_every is not None else ''}"
+            f"{'--merge-mlp ' if args.merge_mlp else ''}"
             f"{f'--steps {args.steps} ' if args.steps != 1 else ''}"
             f"--{'' if args.use_rand else 'no-'}use-rand --device {args.device} --dtype {args.dtype_name} "
             f"--seed {args.seed}{' --tiny' if args.tiny else ''} --out {args.out}")
@@ -728,6 +729,9 @@ def register(commands) -> argparse.ArgumentParser:
     bench.add_argument("--plan-every", type=at_least(1), default=None,
                        help="tokenmerge methods' plan_every field: build plans every this many steps and reuse them "
                             "in between (default: each method's, 1); time it with --steps")
+    bench.add_argument("--merge-mlp", action="store_true", default=None,
+                       help="tokenmerge methods' merge_mlp field: merge around the feed-forward too (the step's peak "
+                            "memory is there; default: each method's, off)")
     bench.add_argument("--steps", type=at_least(1), default=1,
                        help="denoiser calls per timed sample, in one patched run (its step clock advances, so "
                             "plan_every reuses plans); times, FLOPs and plan time are reported per call (default 1)")
