@@ -387,7 +387,7 @@ class LiveBytes(TorchDispatchMode):
     peak: the memory a step needs, without any allocator's caching or rounding. Views and in-place results of an
     op's inputs (a weight's transpose, say) add nothing; a storage counts until its last reference dies.
     On the meta device, with attention modelled as flash attention, it came within 3% of the H100's
-    ``torch.cuda.max_memory_allocated`` for SD 1.5 at 2048 px (benchmarks/peak_memory.py, docs/benchmarks.md)."""
+    ``torch.cuda.max_memory_allocated`` for SD 1.5 at 2048 px (benchmarks/meta_step.py, docs/benchmarks.md)."""
 
     def __init__(self) -> None:
         super().__init__()

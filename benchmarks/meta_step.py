@@ -1,7 +1,9 @@
-"""Peak memory of one denoiser step, unpatched vs tomesd vs tokenmerge, counted on the meta device (no weights in
-memory, no GPU: seconds to minutes on any machine): the bytes of the tensors alive at once, weights excluded.
+"""Peak memory and FLOPs of one denoiser step, unpatched vs tomesd vs tokenmerge, counted on the meta device (no
+weights in memory, no GPU: seconds on any machine). Peak = the bytes of the tensors alive at once, weights excluded.
 
-    python benchmarks/peak_memory.py --models sd15 --sizes 1024,2048 --ratios 0.5,0.75
+    python benchmarks/meta_step.py --models sd15 --sizes 1024,2048 --ratios 0.5,0.75
+    python benchmarks/meta_step.py --models sdxl --sizes 2048 --ratios 0.5,0.75 --max-downsample 2 \
+        --share-plan level --methods "tome,tome[merge_mlp]"
 
 On the meta device ``scaled_dot_product_attention`` would take its math path and hold the N x N scores; a GPU
 runs flash attention, which holds none. Here it is modelled as that fused kernel: the output (and a ``(B, H, N)``
@@ -35,11 +37,11 @@ class FusedAttention(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def peak_mib(step) -> float:
-    """Peak MiB of the tensors made during one call of ``step`` (not the weights nor the inputs)."""
+def peak_and_flops(step) -> tuple[float, int]:
+    """Peak MiB of the tensors made during one call of ``step`` (not the weights nor the inputs), and its FLOPs."""
     with FusedAttention(), bench.LiveBytes() as live:
         step()
-    return live.peak / 2**20
+    return live.peak / 2**20, bench.count_flops(step)  # FLOPs with the real attention (math path on meta)
 
 
 def main() -> None:
@@ -49,10 +51,11 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.5,0.75")
     parser.add_argument("--methods", default="tomesd,tome,tome[merge_mlp],importance,importance[merge_mlp]")
     parser.add_argument("--max-downsample", type=int, default=None, help="as tokenmerge bench's option")
+    parser.add_argument("--share-plan", default="block", help="as tokenmerge bench's option (one value)")
     args = parser.parse_args()
     meta, dtype = torch.device("meta"), torch.float16
-    print("| model | px | method | ratio | peak MiB (weights excluded) | vs unpatched |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| model | px | method | ratio | peak MiB (weights excluded) | vs unpatched | GFLOPs | FLOP bound |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for model in args.models.split(","):
         denoiser = bench.build_denoiser(bench.model_config(model), meta, dtype)
         for size in bench.size_list(args.sizes):
@@ -63,8 +66,9 @@ def main() -> None:
                     denoiser(*inputs, **kwargs)
 
             label = bench.size_label(size)
-            base = peak_mib(step)
-            print(f"| {model} | {label} | unpatched | - | {base:.0f} | 1.00x |", flush=True)
+            base, base_flops = peak_and_flops(step)
+            print(f"| {model} | {label} | unpatched | - | {base:.0f} | 1.00x | {base_flops / 1e9:.0f} | 1.00x |",
+                  flush=True)
             for ratio in map(float, args.ratios.split(",")):
                 for spec in args.methods.split(","):
                     method, _, options = spec.partition("[")
@@ -74,11 +78,12 @@ def main() -> None:
                         fields = {"max_downsample": args.max_downsample, "min_tokens": 0}
                         fields.update({name: True for name in options.rstrip("]").split(";") if name})
                         config = bench.method_config(method, ratio, bench.latent_size(size), meta, False, 0,
-                                                     fields=fields, family=bench.family(denoiser))
+                                                     args.share_plan, fields, bench.family(denoiser))
                         patch = tokenmerge.patched(denoiser, config)
                     with patch:
-                        peak = peak_mib(step)
-                    print(f"| {model} | {label} | {spec} | {ratio:g} | {peak:.0f} | {peak / base:.2f}x |", flush=True)
+                        peak, flops = peak_and_flops(step)
+                    print(f"| {model} | {label} | {spec} | {ratio:g} | {peak:.0f} | {peak / base:.2f}x | "
+                          f"{flops / 1e9:.0f} | {base_flops / flops:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
