@@ -88,8 +88,9 @@ class MergePlan:
         if not self.prune and self.merge_weight is None:
             # A plain mean: merge sums each slot's members and scales the M slot rows by 1 / members, which
             # touches N x C values once (weighting the N rows first was 1.2-3.8x slower on CPU).
-            one = shape_constant(("one", device), lambda: torch.ones((), device=device))
-            counts = torch.zeros(batch, m, device=device).scatter_add_(1, self.assign, one.expand(batch, n))
+            one = shape_constant(("one", device), lambda: torch.ones((), device=device, dtype=torch.float32))
+            counts = torch.zeros(batch, m, device=device, dtype=torch.float32)
+            counts.scatter_add_(1, self.assign, one.expand(batch, n))
             self._slot_scale = counts.reciprocal_().reshape(-1, 1)
 
     @property
@@ -217,7 +218,7 @@ def gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     channels was 5-10x slower on CPU.
     """
     batch, num_tokens, channels = x.shape
-    if indices.shape[0] == batch and indices.stride(0) == 0:  # the same tokens in every batch element
+    if indices.shape[0] == batch and (batch == 1 or indices.stride(0) == 0):  # the same tokens in every element
         return x.index_select(1, indices[0])
     rows = (indices + _batch_offsets(indices.shape[0], num_tokens, x.device)).reshape(-1)
     return x.reshape(batch * num_tokens, channels).index_select(0, rows).view(*indices.shape, channels)
