@@ -1,4 +1,4 @@
-"""Peak memory and FLOPs of one denoiser step, unpatched vs tomesd vs tokenmerge, counted on the meta device (no
+"""Peak memory, FLOPs and kernels of one denoiser step, unpatched vs tomesd vs tokenmerge, counted on the meta device (no
 weights in memory, no GPU: seconds on any machine). Peak = the bytes of the tensors alive at once, weights excluded.
 
     python benchmarks/meta_step.py --models sd15 --sizes 1024,2048 --ratios 0.5,0.75
@@ -9,7 +9,9 @@ On the meta device ``scaled_dot_product_attention`` would take its math path and
 runs flash attention, which holds none. Here it is modelled as that fused kernel: the output (and a ``(B, H, N)``
 log-sum-exp) and nothing else. Everything else (the similarity matrices of the plans included) is counted as
 eager PyTorch allocates it (a storage counts from the op that makes it until its last reference dies), without
-the caching allocator's rounding and fragmentation.
+the caching allocator's rounding and fragmentation. Kernels: the aten ops other than views, the attention one
+kernel (benchmarks/plan_cost.py's count): on a GPU, where small steps are bound by launches, the count is what
+their time follows.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import tokenmerge
+from plan_cost import CountOps
 from tokenmerge import bench
 
 
@@ -37,11 +40,12 @@ class FusedAttention(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def peak_and_flops(step) -> tuple[float, int]:
-    """Peak MiB of the tensors made during one call of ``step`` (not the weights nor the inputs), and its FLOPs."""
-    with FusedAttention(), bench.LiveBytes() as live:
+def measure(step) -> tuple[float, int, int]:
+    """Peak MiB of the tensors made during one call of ``step`` (not the weights nor the inputs), its FLOPs and
+    its kernels."""
+    with FusedAttention(), bench.LiveBytes() as live, CountOps() as kernels:
         step()
-    return live.peak / 2**20, bench.count_flops(step)  # FLOPs with the real attention (math path on meta)
+    return live.peak / 2**20, bench.count_flops(step), kernels.kernels  # FLOPs of the real attention (math path)
 
 
 def main() -> None:
@@ -54,8 +58,8 @@ def main() -> None:
     parser.add_argument("--share-plan", default="block", help="as tokenmerge bench's option (one value)")
     args = parser.parse_args()
     meta, dtype = torch.device("meta"), torch.float16
-    print("| model | px | method | ratio | peak MiB (weights excluded) | vs unpatched | GFLOPs | FLOP bound |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | px | method | ratio | peak MiB (weights excluded) | vs unpatched | GFLOPs | FLOP bound | kernels |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for model in args.models.split(","):
         denoiser = bench.build_denoiser(bench.model_config(model), meta, dtype)
         for size in bench.size_list(args.sizes):
@@ -66,9 +70,9 @@ def main() -> None:
                     denoiser(*inputs, **kwargs)
 
             label = bench.size_label(size)
-            base, base_flops = peak_and_flops(step)
-            print(f"| {model} | {label} | unpatched | - | {base:.0f} | 1.00x | {base_flops / 1e9:.0f} | 1.00x |",
-                  flush=True)
+            base, base_flops, kernels = measure(step)
+            print(f"| {model} | {label} | unpatched | - | {base:.0f} | 1.00x | {base_flops / 1e9:.0f} | 1.00x | "
+                  f"{kernels} |", flush=True)
             for ratio in map(float, args.ratios.split(",")):
                 for spec in args.methods.split(","):
                     method, _, options = spec.partition("[")
@@ -81,9 +85,9 @@ def main() -> None:
                                                      args.share_plan, fields, bench.family(denoiser))
                         patch = tokenmerge.patched(denoiser, config)
                     with patch:
-                        peak, flops = peak_and_flops(step)
+                        peak, flops, kernels = measure(step)
                     print(f"| {model} | {label} | {spec} | {ratio:g} | {peak:.0f} | {peak / base:.2f}x | "
-                          f"{flops / 1e9:.0f} | {base_flops / flops:.2f}x |", flush=True)
+                          f"{flops / 1e9:.0f} | {base_flops / flops:.2f}x | {kernels} |", flush=True)
 
 
 if __name__ == "__main__":
