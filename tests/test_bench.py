@@ -242,6 +242,23 @@ def test_placement_and_matching_options_reach_the_configs(tmp_path):
     assert "--merge-mlp" in (tmp_path / "mlp" / "bench.md").read_text()
 
 
+def test_compiled_variants_are_patched_copies_compiled_in_the_warm_up(tmp_path):
+    """--compile times each variant as its own patched copy, compiled (graphs captured) in two warm-up rounds."""
+    import torch._dynamo
+
+    torch._dynamo.utils.counters.clear()
+    rows = run_bench(tmp_path, "--models", "sd15", "--methods", "tomesd,tome,importance", "--compile", "default",
+                     "--compile-backend", "aot_eager", "--repeats", "2")
+    methods = by_method(rows, "sd15")
+    assert list(methods) == ["unpatched", "tomesd", "tome", "importance"]
+    for row in methods.values():
+        assert row["status"] == "ok" and row["runs"] == "2" and float(row["median_s"]) > 0
+    assert float(methods["tome"]["gflops"]) < float(methods["unpatched"]["gflops"])
+    table = (tmp_path / "bench.md").read_text()
+    assert "--warmup 2" in table and "--compile default --compile-backend aot_eager" in table
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+
+
 def test_plan_every_over_several_steps_counts_fewer_plans(tmp_path):
     """--steps 2 runs two denoiser calls per sample; with --plan-every 2 the second reuses the first's plans."""
     options = ("--models", "sd15", "--methods", "tome", "--steps", "2")

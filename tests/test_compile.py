@@ -63,6 +63,28 @@ def test_compiled_matches_eager_without_recompiling_per_step(sd1_unet):
     assert not torch.allclose(eager[0], run(sd1_unet, args, kwargs, timestep=900), atol=1e-4), "must merge"
 
 
+@pytest.mark.parametrize("config", [ToMe(ratio=0.5, max_downsample=2, seed=0),
+                                    ImportanceMerge(ratio=0.5, seed=0, importance=torch.rand(16, 16), prune_steps=0.0)])
+def test_plans_that_follow_the_run_compile_once_not_per_step(sd1_unet, config):
+    """Random cells (reseeded per run) read the step clock: those hooks run eagerly, so the graphs compiled in
+    the first steps serve every later one (before, every step recompiled: 42 graphs over 8 steps)."""
+    assert config.uses_clock
+    args, kwargs = unet_inputs(sd1_unet, 2)
+    steps = (999, 800, 600, 400, 200)
+    with tokenmerge.patched(sd1_unet, config):
+        eager = [run(sd1_unet, args, kwargs, timestep=t) for t in steps]
+    with tokenmerge.patched(sd1_unet, config):
+        dynamo.reset()
+        compiled = torch.compile(sd1_unet, backend="aot_eager")
+        # The first two calls compile (the frames that resume after the eager hooks see their shapes then).
+        got = [run(compiled, args, kwargs, timestep=t) for t in steps[:2]]
+        with dynamo.config.patch(error_on_recompile=True):
+            got += [run(compiled, args, kwargs, timestep=t) for t in steps[2:]]
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert not torch.allclose(eager[1], eager[2], atol=1e-4), "the random cells change per step"
+
+
 @pytest.mark.skipif(not os.environ.get("TOKENMERGE_SLOW_TESTS"), reason="inductor compiles for minutes on CPU; "
                     "set TOKENMERGE_SLOW_TESTS=1")
 @pytest.mark.parametrize("config", [TRACEABLE[0], ToFu(ratio=0.5, use_rand=False), SiTo(ratio=0.5, base="V")])

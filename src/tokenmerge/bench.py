@@ -8,8 +8,9 @@ the weights are random, which does not change the cost of a step). For every mod
 batch ``2 x --images``; LCM: ``--images``, no CFG; AnimateDiff: videos of 16 frames; Zero123++: six views tiled
 in a 960x640 image, after a reference pass; each family's inputs come from its function in ``FAMILY_INPUTS``;
 ``--steps S`` makes a sample S calls of one run, reported per call): warm-up, then ``--repeats`` interleaved
-rounds (one run of each variant per round), so that drifts of the machine hit all variants alike. Per variant
-it reports:
+rounds (one run of each variant per round), so that drifts of the machine hit all variants alike. With
+``--compile MODE`` every variant is a copy of the denoiser, patched once and ``torch.compile``'d (compiled in
+at least two warm-up rounds), so the rounds time compiled steps without re-patching. Per variant it reports:
 
 * time: median, min and max of the runs; CUDA events on GPU (the bench syncs only on the end event; the
   U-Net itself copies its CPU timestep to the device first thing, when nothing is queued yet),
@@ -34,8 +35,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -469,22 +472,60 @@ def timed(step: Callable[[], object], device: torch.device) -> float:
 def measure(variant: Variant, denoiser: nn.Module, step: Callable[[], object], device: torch.device) -> float:
     """One timed run of a variant (patching and unpatching happen outside the timed region)."""
     with variant.patch(denoiser):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds = timed(step, device)
-        if device.type == "cuda":
-            variant.peak_bytes = max(variant.peak_bytes or 0, torch.cuda.max_memory_allocated(device))
+        return measure_patched(variant, step, device, weights=None)
+
+
+def measure_patched(variant: Variant, step: Callable[[], object], device: torch.device, weights: int | None) -> float:
+    """One timed run of an already patched model. With ``weights`` (bytes; other models share the device: the
+    compiled copies) the peak is the step's growth over what was allocated before it, plus those weights."""
+    if device.type == "cuda":
+        allocated = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = timed(step, device)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        if weights is not None:
+            peak = peak - allocated + weights
+        variant.peak_bytes = max(variant.peak_bytes or 0, peak)
     return seconds
+
+
+@contextlib.contextmanager
+def compiled_runs(variants: list[Variant], denoiser: nn.Module, make_step: Callable[[nn.Module], Callable[[], None]],
+                  args: argparse.Namespace) -> Iterator[dict[int, Callable[[], float]]]:
+    """``--compile``: each variant gets its own copy of the denoiser, patched for the whole resolution and compiled
+    once (in the warm-up), so the interleaved rounds neither re-patch nor recompile. Yields, per variant id, a
+    function that times one run."""
+    import torch._dynamo
+
+    dynamo = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(dynamo.patch(**{limit: max(8, 4 * len(variants))}))
+        runs = {}
+        for variant in variants:
+            model = copy.deepcopy(denoiser)
+            stack.enter_context(variant.patch(model))
+            compiled = torch.compile(model, mode=None if args.compile == "default" else args.compile,
+                                     backend=args.compile_backend)
+            step, weights = make_step(compiled), weight_bytes(model)
+            runs[id(variant)] = functools.partial(measure_patched, variant, step, args.device, weights)
+        yield runs
+        torch._dynamo.reset()
 
 
 def bench_resolution(denoiser: nn.Module, size: Size, args: argparse.Namespace) -> list[Variant]:
     """Every variant of one model at one resolution: warm-up, interleaved timed rounds, FLOPs."""
     inputs, kwargs = step_inputs(denoiser, size, args.images, args.device, args.dtype, args.seed)
 
-    def step() -> None:  # --steps calls in one patched run: its clock advances, plans are reused (plan_every)
-        with torch.no_grad():
-            for _ in range(args.steps):
-                denoiser(*inputs, **kwargs)
+    def make_step(model: nn.Module) -> Callable[[], None]:
+        def step() -> None:  # --steps calls in one patched run: its clock advances, plans are reused (plan_every)
+            with torch.no_grad():
+                for _ in range(args.steps):
+                    model(*inputs, **kwargs)
+        return step
+
+    step = make_step(denoiser)
 
     fields = {name: getattr(args, name) for name in FIELD_OPTIONS}
     latent = latent_size(size)
@@ -493,15 +534,18 @@ def bench_resolution(denoiser: nn.Module, size: Size, args: argparse.Namespace) 
                  for ratio in args.ratios for method in args.methods if method != UNPATCHED
                  for share in (args.share_plan if method not in (UNPATCHED, "tomesd") else ("block",))]
     runnable = [v for v in variants if v.status == "ok"]
-    for _ in range(args.warmup):
+    with (compiled_runs(runnable, denoiser, make_step, args) if args.compile
+          else contextlib.nullcontext({id(v): functools.partial(measure, v, denoiser, step, args.device)
+                                       for v in runnable})) as runs:
+        for _ in range(args.warmup):
+            for variant in runnable:
+                runs[id(variant)]()
         for variant in runnable:
-            measure(variant, denoiser, step, args.device)
-    for variant in runnable:
-        variant.peak_bytes = None  # the warm-up's peaks (first allocations, kernel selection) do not count
-    for round_index in range(args.repeats):
-        for variant in runnable:
-            variant.times.append(measure(variant, denoiser, step, args.device) / args.steps)
-        log(f"  {size_label(size)} px: round {round_index + 1}/{args.repeats} done")
+            variant.peak_bytes = None  # the warm-up's peaks (first allocations, kernel selection) do not count
+        for round_index in range(args.repeats):
+            for variant in runnable:
+                variant.times.append(runs[id(variant)]() / args.steps)
+            log(f"  {size_label(size)} px: round {round_index + 1}/{args.repeats} done")
     for variant in runnable:
         with variant.patch(denoiser), (LiveBytes() if args.device.type != "cuda" else contextlib.nullcontext()) as live:
             variant.flops = count_flops(step) // args.steps
@@ -532,6 +576,8 @@ def resolve(args: argparse.Namespace, usage_error: Callable[[str], None]) -> arg
     for name in ("ratios", "repeats", "warmup"):
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])
+    if args.compile:  # the copies share diffusers' code: the first round compiles, the second settles the shapes
+        args.warmup = max(args.warmup, 2)
     return args
 
 
@@ -664,6 +710,7 @@ def command_line(args: argparse.Namespace) -> str:
             f"{f'--plan-every {args.plan_every} ' if args.plan_every is not None else ''}"
             f"{'--merge-mlp ' if args.merge_mlp else ''}"
             f"{f'--steps {args.steps} ' if args.steps != 1 else ''}"
+            f"{f'--compile {args.compile} --compile-backend {args.compile_backend} ' if args.compile else ''}"
             f"--{'' if args.use_rand else 'no-'}use-rand --device {args.device} --dtype {args.dtype_name} "
             f"--seed {args.seed}{' --tiny' if args.tiny else ''} --out {args.out}")
 
@@ -735,6 +782,10 @@ def register(commands) -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=at_least(1), default=1,
                        help="denoiser calls per timed sample, in one patched run (its step clock advances, so "
                             "plan_every reuses plans); times, FLOPs and plan time are reported per call (default 1)")
+    bench.add_argument("--compile", choices=("default", "reduce-overhead", "max-autotune"), default=None,
+                       help="time torch.compile'd denoisers (this mode), unpatched and patched alike: each variant "
+                            "is a patched copy compiled once in the warm-up (default: eager)")
+    bench.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default: inductor)")
     bench.add_argument("--share-plan", type=share_modes, default=("block",),
                        help="plan per block and/or per U-Net level (share_plan field), e.g. block,level: each "
                             "tokenmerge method runs once per mode; level variants are named METHOD+level "

@@ -11,6 +11,11 @@
 
 No diffusers ``forward`` is copied: the submodules are called exactly as diffusers calls them, on
 fewer tokens, so any attention processor (SDPA, custom, LoRA) keeps working.
+
+Under ``torch.compile`` the hooks are traced with the model. Where plans follow the run (``state.follows_run``:
+the step, a generator reseeded per run, plans held across steps), the two hooks that read those Python counters
+(the denoiser's pre-hook and the block's plan) run eagerly (``torch.compiler.disable``): a graph break per
+block instead of recompilations as the step changes; merge and unmerge stay in the graphs.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ def _replace_first(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tupl
     return args, {**kwargs, "hidden_states": value}
 
 
+def _eager_if(follows_run: bool, hook):
+    return torch.compiler.disable(hook) if follows_run else hook
+
+
 def install_denoiser_hooks(state: PatchState, denoiser: torch.nn.Module) -> None:
     def before(module, args, kwargs):
         sample, timestep = state.adapter.read_inputs(args, kwargs)
@@ -41,7 +50,7 @@ def install_denoiser_hooks(state: PatchState, denoiser: torch.nn.Module) -> None
     def after(module, args, output):
         state.end_call(output)
 
-    state.handles.append(denoiser.register_forward_pre_hook(before, with_kwargs=True))
+    state.handles.append(denoiser.register_forward_pre_hook(_eager_if(state.follows_run, before), with_kwargs=True))
     state.handles.append(denoiser.register_forward_hook(after))
 
 
@@ -56,7 +65,8 @@ class BlockPatch:
     def install(self, submodules: list[torch.nn.Module]) -> None:
         block = self.target.block
         handles = self.state.handles
-        handles.append(block.register_forward_pre_hook(self._make_plan, with_kwargs=True))
+        handles.append(block.register_forward_pre_hook(_eager_if(self.state.follows_run, self._make_plan),
+                                                       with_kwargs=True))
         handles.append(block.register_forward_hook(self._drop_plan))
         for module in submodules:
             handles.append(module.register_forward_pre_hook(self._merge, with_kwargs=True))

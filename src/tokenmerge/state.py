@@ -92,6 +92,9 @@ class PatchState:
         self.importance: torch.Tensor | None = None  # (groups, H, W), from the previous step
         self.cache: dict = {}  # methods' own cross-step state (PlanContext.cache)
         self.cfg_importance = _is_cfg(getattr(config, "importance", None))  # read from the CFG output
+        # Plans that follow the run (step, progress, a generator reseeded per run, plans held across steps) read
+        # Python counters; compiled, those hooks run eagerly (see hooks.py) instead of recompiling every step.
+        self.follows_run = config.uses_clock or config.plan_every > 1
         self.shared_plans: dict = {}  # share key -> (plan, context), for the current denoiser call
         self.held_plans: dict = {}  # block or share key -> (plan, context, tokens), kept across steps (plan_every)
         self.skipped: dict[str, int] = {}  # blocks left unmerged (below the floor) in the last call: name -> tokens
@@ -101,10 +104,10 @@ class PatchState:
 
     # -- called by the denoiser hooks ------------------------------------------------------------
     def begin_call(self, sample: torch.Tensor, timestep: object) -> None:
-        uses_clock = self.config.uses_clock or self.config.plan_every > 1
         # Compiled, a method that ignores the run skips the clock: its Python counters would be baked into the
         # graph as constants and force a recompilation at every step.
-        new_run = (uses_clock or not torch.compiler.is_compiling()) and self.clock.tick(timestep, uses_clock)
+        follows_run = self.follows_run
+        new_run = (follows_run or not torch.compiler.is_compiling()) and self.clock.tick(timestep, follows_run)
         if new_run:
             self.importance = None
             self.cache.clear()
