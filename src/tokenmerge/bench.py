@@ -501,6 +501,7 @@ def compiled_runs(variants: list[Variant], denoiser: nn.Module, make_step: Calla
     dynamo = torch._dynamo.config
     limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
     with contextlib.ExitStack() as stack:
+        stack.callback(torch._dynamo.reset)  # last: the compiled copies' graphs go with them
         stack.enter_context(dynamo.patch(**{limit: max(8, 4 * len(variants))}))
         runs = {}
         for variant in variants:
@@ -511,7 +512,6 @@ def compiled_runs(variants: list[Variant], denoiser: nn.Module, make_step: Calla
             step, weights = make_step(compiled), weight_bytes(model)
             runs[id(variant)] = functools.partial(measure_patched, variant, step, args.device, weights)
         yield runs
-        torch._dynamo.reset()
 
 
 def bench_resolution(denoiser: nn.Module, size: Size, args: argparse.Namespace) -> list[Variant]:
