@@ -92,9 +92,9 @@ class PatchState:
         self.importance: torch.Tensor | None = None  # (groups, H, W), from the previous step
         self.cache: dict = {}  # methods' own cross-step state (PlanContext.cache)
         self.cfg_importance = _is_cfg(getattr(config, "importance", None))  # read from the CFG output
-        # Plans that follow the run (step, progress, a generator reseeded per run, plans held across steps) read
-        # Python counters; compiled, those hooks run eagerly (see hooks.py) instead of recompiling every step.
-        self.follows_run = config.uses_clock or config.plan_every > 1
+        # Plans that follow the run (step, progress, a generator reseeded per run, plans held across steps; the
+        # temporal matching always draws) read Python counters; compiled, those hooks run eagerly (hooks.py).
+        self.follows_run = config.uses_clock or config.plan_every > 1 or config.temporal_ratio > 0
         self.shared_plans: dict = {}  # share key -> (plan, context), for the current denoiser call
         self.held_plans: dict = {}  # block or share key -> (plan, context, tokens), kept across steps (plan_every)
         self.skipped: dict[str, int] = {}  # blocks left unmerged (below the floor) in the last call: name -> tokens

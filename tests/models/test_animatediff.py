@@ -65,6 +65,17 @@ def test_temporal_ratio_merges_frames_in_the_motion_modules_of_the_merged_levels
         ToMe(temporal_ratio=0.6)
 
 
+def test_temporal_draws_are_reseeded_at_every_run_even_when_the_spatial_plans_draw_nothing(motion_unet):
+    """The temporal matching always draws its frame pairs; with ``use_rand=False`` (spatial plans that ignore the
+    run) a second run must still start from the seed, not continue the first run's draws."""
+    config = ToMe(ratio=0.5, use_rand=False, temporal_ratio=0.5, seed=0)
+    with tokenmerge.patched(motion_unet, config):
+        first = [call(motion_unet, t=t) for t in (900, 500, 100)]
+        second = [call(motion_unet, t=t) for t in (900, 500, 100)]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
 def test_cfg_importance_is_per_frame(motion_unet):
     tokenmerge.apply(motion_unet, ImportanceMerge(ratio=0.5, seed=0))
     eps = call(motion_unet, t=900)  # (2, 4, F, 16, 16): [uncond; cond]
