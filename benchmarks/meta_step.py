@@ -1,4 +1,4 @@
-"""Peak memory, FLOPs and kernels of one denoiser step, unpatched vs tomesd vs tokenmerge, counted on the meta device (no
+"""Peak memory, FLOPs and kernels of one denoiser step, unpatched vs tomesd vs tokenmerge, on the meta device (no
 weights in memory, no GPU: seconds on any machine). Peak = the bytes of the tensors alive at once, weights excluded.
 
     python benchmarks/meta_step.py --models sd15 --sizes 1024,2048 --ratios 0.5,0.75
@@ -34,9 +34,10 @@ class FusedAttention(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             query, value = args[0], args[2] if len(args) > 2 else kwargs["value"]
-            lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
+            out = query.new_empty(*query.shape[:-1], value.shape[-1])
+            lse = query.new_empty(query.shape[:-1], dtype=torch.float32)  # alive beside the output, then dropped
             del lse
-            return query.new_empty(*query.shape[:-1], value.shape[-1])
+            return out
         return func(*args, **kwargs)
 
 
@@ -58,7 +59,8 @@ def main() -> None:
     parser.add_argument("--share-plan", default="block", help="as tokenmerge bench's option (one value)")
     args = parser.parse_args()
     meta, dtype = torch.device("meta"), torch.float16
-    print("| model | px | method | ratio | peak MiB (weights excluded) | vs unpatched | GFLOPs | FLOP bound | kernels |")
+    print("| model | px | method | ratio | peak MiB (weights excluded) | vs unpatched | GFLOPs | FLOP bound "
+          "| kernels |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for model in args.models.split(","):
         denoiser = bench.build_denoiser(bench.model_config(model), meta, dtype)

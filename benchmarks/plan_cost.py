@@ -102,7 +102,8 @@ def main() -> None:
     print("| --- | --- |" + " --- | --- |" * len(trees) + (" --- |" if len(trees) == 2 else ""))
     for tokens in map(int, args.tokens.split(",")):
         for name in names:
-            calls = {tree: plan_call(pkg, configs(pkg)[name], tokens, args.channels, device) for tree, pkg in trees.items()}
+            calls = {tree: plan_call(pkg, configs(pkg)[name], tokens, args.channels, device)
+                     for tree, pkg in trees.items()}
             kernels, times = {}, {tree: [] for tree in trees}
             for tree, call in calls.items():
                 call()  # warm-up: builds the shape constants
