@@ -198,7 +198,12 @@ def cell_destinations(
     # Drawn with the same shape and order as tomesd, so a fork of the same RNG state gives the same cells.
     offset = torch.randint(sy * sx, size=(batch * cells_y, cells_x, 1), generator=generator,
                            device=generator.device).to(device).view(batch, -1)
-    return corners + offset // sx * width + offset % sx
+    return token_in_cell(offset, height, width, sy, sx)
+
+
+def token_in_cell(offset: torch.Tensor, height: int, width: int, sy: int, sx: int) -> torch.Tensor:
+    """``(B, cells)`` position within each full ``sy x sx`` cell (row-major in the cell) -> token index."""
+    return cell_destinations(height, width, sy, sx, device=offset.device) + offset // sx * width + offset % sx
 
 
 def complement(indices: torch.Tensor, num_tokens: int) -> torch.Tensor:

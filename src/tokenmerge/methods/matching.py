@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..plan import arange_of, gather_tokens, nearest_destination, shape_constant
+from ..plan import arange_of, cell_destinations, gather_tokens, nearest_destination, shape_constant
 
 MATCHES = ("features", "grid")
 
@@ -169,8 +169,7 @@ def _window_rows(grid: tuple[int, int], sy: int, sx: int, window: int, batch: in
     height, width = grid
     cells_y, cells_x = height // sy, width // sx
     offsets = torch.arange(batch, device=device)[:, None, None] * (cells_y * cells_x)
-    corner = (torch.arange(cells_y, device=device)[:, None] * sy * width
-              + torch.arange(cells_x, device=device)[None, :] * sx).reshape(1, -1)
+    corner = cell_destinations(height, width, sy, sx, device=device)  # each full cell's top-left token
     rows = (window_candidates(corner, grid, sy, sx, window) + offsets).reshape(batch * cells_y * cells_x, -1)
     right = (torch.arange(cells_y * sy, device=device)[:, None] * width
              + torch.arange(cells_x * sx, width, device=device)[None, :]).reshape(-1)

@@ -48,7 +48,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..plan import MergePlan, cell_destinations, complement, gather_tokens, nearest_destination, plan_from_matching
+from ..plan import (MergePlan, cell_destinations, complement, gather_tokens, nearest_destination, plan_from_matching,
+                    token_in_cell)
 from .base import MethodConfig, PlanContext
 
 #: The base-token strategies of the paper's Table 3, by name, with their roman numeral.
@@ -87,10 +88,7 @@ def patch_argmax(score: torch.Tensor, height: int, width: int, patch: int) -> to
     cells_y, cells_x = height // patch, width // patch
     grid = score.reshape(batch, height, width)[:, : cells_y * patch, : cells_x * patch]
     cells = grid.reshape(batch, cells_y, patch, cells_x, patch).transpose(2, 3).reshape(batch, cells_y, cells_x, -1)
-    offset = cells.argmax(dim=-1)
-    rows = torch.arange(cells_y, device=score.device)[:, None] * patch + offset // patch
-    cols = torch.arange(cells_x, device=score.device)[None, :] * patch + offset % patch
-    return (rows * width + cols).reshape(batch, -1)
+    return token_in_cell(cells.argmax(dim=-1).reshape(batch, -1), height, width, patch, patch)
 
 
 @dataclass(frozen=True)
