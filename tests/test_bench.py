@@ -184,6 +184,11 @@ def test_bad_names_list_the_known_ones(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--sizes", "500"])  # not a multiple of 8
     assert "multiples of 8" in capsys.readouterr().err
+    for options, named in ((["--compile", "default", "--compile-backend", "nope"], "'nope' is not a torch.compile "
+                            "backend; use one of"), (["--compile-backend", "aot_eager"], "only used with --compile")):
+        with pytest.raises(SystemExit):
+            bench.main(["--tiny", *options])
+        assert named in " ".join(capsys.readouterr().err.split())
 
 
 def test_the_cli_has_the_bench_command():

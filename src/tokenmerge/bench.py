@@ -578,6 +578,14 @@ def resolve(args: argparse.Namespace, usage_error: Callable[[str], None]) -> arg
             setattr(args, name, defaults[name])
     if args.compile:  # the copies share diffusers' code: the first round compiles, the second settles the shapes
         args.warmup = max(args.warmup, 2)
+        import torch._dynamo as dynamo
+
+        backends = dynamo.list_backends(exclude_tags=())
+        if args.compile_backend not in backends:
+            usage_error(f"--compile-backend {args.compile_backend!r} is not a torch.compile backend; use one of "
+                        f"{', '.join(backends)} (inductor for speed)")
+    elif args.compile_backend != "inductor":
+        usage_error("--compile-backend is only used with --compile MODE (e.g. --compile default)")
     return args
 
 
