@@ -67,7 +67,7 @@ def test_compiled_matches_eager_without_recompiling_per_step(sd1_unet):
                                     ImportanceMerge(ratio=0.5, seed=0, importance=torch.rand(16, 16), prune_steps=0.0)])
 def test_plans_that_follow_the_run_compile_once_not_per_step(sd1_unet, config):
     """Random cells (reseeded per run) read the step clock: those hooks run eagerly, so the graphs compiled in
-    the first steps serve every later one (before, every step recompiled: 42 graphs over 8 steps)."""
+    the first steps serve every later one (traced, they made ImportanceMerge recompile at later steps)."""
     assert config.uses_clock
     args, kwargs = unet_inputs(sd1_unet, 2)
     steps = (999, 800, 600, 400, 200)
