@@ -4,12 +4,13 @@
 # matching, the automatic floor at 512/1024 px), sdxl (beyond the top level, with the MLP merged too), families
 # (every family at its native size), compiled (torch.compile'd steps, unpatched and patched).
 # Usage: benchmarks/speed_gpu.sh OUT_DIR PART [BASELINE_SRC]   (BASELINE_SRC: an older tree's src/, for plan_cost.py)
+# BENCH_ARGS is appended to every bench line (BENCH_ARGS="--tiny --device cpu" checks the lines on CPU).
 set -u
 out=${1:?usage: speed_gpu.sh OUT_DIR plans|sdxl|families|compiled [BASELINE_SRC]}; part=${2:?part}; base=${3:-}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-bench() { name=$1; shift; python3 -m tokenmerge.cli bench --dtype float16 --repeats 5 --warmup 2 --out "$out/$name" "$@" \
+bench() { name=$1; shift; python3 -m tokenmerge.cli bench --dtype float16 --repeats 5 --warmup 2 --out "$out/$name" "$@" ${BENCH_ARGS:-} \
     2>&1 | grep -v -e "round .* done" | tee "$out/$name.log"; }
 
 case $part in
