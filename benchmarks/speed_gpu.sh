@@ -2,11 +2,12 @@
 # The speed measurements of docs/benchmarks.md that need a GPU, in parts of under ten minutes each on an H100
 # (one device call each): plans (a plan's fixed cost, reuse and level sharing at 1024/2048 px, windowed
 # matching, the automatic floor at 512/1024 px), sdxl (beyond the top level, with the MLP merged too), families
-# (every family at its native size), compiled (torch.compile'd steps, unpatched and patched).
+# (every family at its native size), compiled (torch.compile'd steps, unpatched and patched), floor (SDXL with
+# the defaults, the automatic floor deciding).
 # Usage: benchmarks/speed_gpu.sh OUT_DIR PART [BASELINE_SRC]   (BASELINE_SRC: an older tree's src/, for plan_cost.py)
 # BENCH_ARGS is appended to every bench line (BENCH_ARGS="--tiny --device cpu" checks the lines on CPU).
 set -u
-out=${1:?usage: speed_gpu.sh OUT_DIR plans|sdxl|families|compiled [BASELINE_SRC]}; part=${2:?part}; base=${3:-}
+out=${1:?usage: speed_gpu.sh OUT_DIR plans|sdxl|families|compiled|floor [BASELINE_SRC]}; part=${2:?part}; base=${3:-}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
@@ -33,5 +34,7 @@ families)
 compiled)
     bench sd15-compiled --models sd15 --sizes 512,1024 --ratios 0.5 --methods unpatched,tome,importance \
         --share-plan level --min-tokens 0 --no-use-rand --compile reduce-overhead ;;
+floor)
+    bench sdxl-floor --models sdxl --sizes 1024,2048 --ratios 0.5,0.75 --methods unpatched,tome,importance ;;
 *) echo "unknown part $part" >&2; exit 2 ;;
 esac

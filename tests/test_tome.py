@@ -139,16 +139,21 @@ def test_blocks_below_min_tokens_are_skipped_and_reported(sd1_unet):
 
 
 def test_the_automatic_floor_counts_tokens_on_cpu_and_work_on_cuda():
-    """min_tokens=None: fewer than 64 tokens on CPU; batch x tokens below 65536 on CUDA. An int: tokens anywhere."""
+    """min_tokens=None: fewer than 64 tokens on CPU; on CUDA batch x tokens below 65536 and a self-attention below
+    1 TFLOP (4 B N^2 C). An int: tokens anywhere."""
     auto = ToMe()
     assert auto.min_tokens is None
-    assert not auto.merges(1000, 63, "cpu") and auto.merges(1, 64, "cpu")
-    assert not auto.merges(2, 16384, "cuda") and auto.merges(2, 32768, "cuda") and auto.merges(64, 1024, "cuda")
-    assert auto.merges(1100, 63, "cuda")  # 69300: on CUDA the work counts, not the tokens
+    assert not auto.merges(1000, 63, 320, "cpu") and auto.merges(1, 64, 320, "cpu")
+    # The H100 measurements the CUDA floor comes from (CFG batch 2): SD 1.5 at 512 / 1024 px skipped, SDXL at
+    # 2048 px merged at its 128x128 level (640 channels) but not its 64x64 one (1280 channels), SD 1.5 2048 merged.
+    assert not auto.merges(2, 64 * 64, 320, "cuda") and not auto.merges(2, 128 * 128, 320, "cuda")
+    assert auto.merges(2, 128 * 128, 640, "cuda") and not auto.merges(2, 64 * 64, 1280, "cuda")
+    assert auto.merges(2, 256 * 256, 320, "cuda") and auto.merges(500, 1024, 320, "cuda")
+    assert auto.merges(1100, 63, 320, "cuda")  # 69300: on CUDA the work counts, not the tokens
     for device in ("cpu", "cuda"):
-        assert ToMe(min_tokens=0).merges(1, 1, device)
-        assert not ToMe(min_tokens=64).merges(1000, 63, device) and ToMe(min_tokens=64).merges(1, 64, device)
-    assert auto.floor("cuda") == "the automatic floor (cuda: batch x tokens < 65536)"
+        assert ToMe(min_tokens=0).merges(1, 1, 320, device)
+        assert not ToMe(min_tokens=64).merges(1000, 63, 320, device) and ToMe(min_tokens=64).merges(1, 64, 320, device)
+    assert auto.floor("cuda") == "the automatic floor (cuda: batch x tokens < 65536 and self-attention < 1 TFLOP)"
     assert auto.floor("cpu") == "the automatic floor (cpu: 64 tokens)"
     assert ToMe(min_tokens=16).floor("cuda") == "min_tokens=16"
 

@@ -76,7 +76,7 @@ class BlockPatch:
         state = self.state
         config = state.config
         x = _first_tensor(args, kwargs)
-        if not config.merges(x.shape[0], x.shape[1], x.device.type):  # too small to pay: as is, and reported
+        if not config.merges(x.shape[0], x.shape[1], x.shape[2], x.device.type):  # too small to pay: as is, and reported
             self.plan = None
             state.skipped[self.target.name] = x.shape[1]
             if state.on_plan is not None:

@@ -21,6 +21,11 @@ MIN_TOKENS_CPU = 64
 #: tokens, 1.02x at 16384; whole steps (``tokenmerge bench``, CFG batch 2): 0.84-0.86x at 512 and 1024 px
 #: (4096 and 16384 tokens at the top level), 1.61x at 2048 px (65536 tokens); 1024 tokens at batch 500: 1.3-1.5x.
 MIN_WORK_CUDA = 65536
+#: CUDA, or: a self-attention of at least this many FLOPs (``4 * batch * tokens^2 * channels``: scores and
+#: weighted sum) pays whatever the token count. H100, whole steps with CFG: SDXL at 2048 px merging its 16384-token,
+#: 640-channel level (1.4 TFLOP per block) ran at 1.07-1.11x, where SD 1.5 at 1024 px (16384 tokens, 320 channels:
+#: 0.7 TFLOP) ran at 0.84x and SDXL's 4096-token, 1280-channel level (0.17 TFLOP) added nothing.
+MIN_ATTENTION_FLOPS_CUDA = 10**12
 
 
 @dataclass
@@ -73,7 +78,8 @@ class MethodConfig:
     Each method declares ``ratio``, ``max_downsample``, ``merge_attn``, ``merge_crossattn``, ``merge_mlp``,
     ``seed`` and ``min_tokens``: the merge floor. ``min_tokens=None`` (default) is the automatic floor, where
     merging was measured not to pay: on CPU a block with fewer than 64 tokens is not merged, on CUDA one with
-    batch x tokens below 65536 (small blocks are launch bound; :meth:`merges`, docs/benchmarks.md). An int:
+    batch x tokens below 65536 and a self-attention under 1 TFLOP (small blocks are launch bound; :meth:`merges`,
+    docs/benchmarks.md). An int:
     blocks with fewer tokens are not merged, on any device; 0 merges every block, as tomesd does. Skipped
     blocks are listed by :func:`tokenmerge.skipped_blocks`. Methods that plan from a block's input alone also
     declare ``share_plan``: ``"block"`` (default) plans every patched block from its own input; ``"level"``
@@ -132,17 +138,18 @@ class MethodConfig:
         """
         return ("level", level) if self.share_plan == "level" else None
 
-    def merges(self, batch: int, tokens: int, device_type: str) -> bool:
-        """Whether a block input of ``batch`` x ``tokens`` on a ``device_type`` device is merged.
+    def merges(self, batch: int, tokens: int, channels: int, device_type: str) -> bool:
+        """Whether a block input of ``batch`` x ``tokens`` x ``channels`` on a ``device_type`` device is merged.
 
-        ``min_tokens=None``: the automatic floor, ``tokens >= MIN_TOKENS_CPU`` on CPU (and any device but CUDA),
-        ``batch * tokens >= MIN_WORK_CUDA`` on CUDA; an int: ``tokens >= min_tokens`` on any device. Python
-        ints only (tensor shapes and ``device.type``): no device sync.
+        ``min_tokens=None``: the automatic floor, ``tokens >= MIN_TOKENS_CPU`` on CPU (and any device but CUDA);
+        on CUDA ``batch * tokens >= MIN_WORK_CUDA`` or a self-attention of ``>= MIN_ATTENTION_FLOPS_CUDA``. An
+        int: ``tokens >= min_tokens`` on any device. Python ints only (tensor shapes and ``device.type``): no
+        device sync.
         """
         if self.min_tokens is not None:
             return tokens >= self.min_tokens
         if device_type == "cuda":
-            return batch * tokens >= MIN_WORK_CUDA
+            return batch * tokens >= MIN_WORK_CUDA or 4 * batch * tokens**2 * channels >= MIN_ATTENTION_FLOPS_CUDA
         return tokens >= MIN_TOKENS_CPU
 
     def floor(self, device_type: str) -> str:
@@ -150,7 +157,8 @@ class MethodConfig:
         if self.min_tokens is not None:
             return f"min_tokens={self.min_tokens}"
         if device_type == "cuda":
-            return f"the automatic floor (cuda: batch x tokens < {MIN_WORK_CUDA})"
+            return (f"the automatic floor (cuda: batch x tokens < {MIN_WORK_CUDA} and self-attention < "
+                    f"{MIN_ATTENTION_FLOPS_CUDA / 1e12:g} TFLOP)")
         return f"the automatic floor ({device_type}: {MIN_TOKENS_CPU} tokens)"
 
     def __new__(cls, *args, **kwargs):
