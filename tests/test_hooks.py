@@ -4,6 +4,8 @@ On a GPU a host-device sync (``.item()``, ``float(tensor)``, a data-dependent sh
 boolean mask) stalls the Python thread until every queued kernel has run, so the next kernels cannot be queued
 behind the running ones. On CPU there is no queue to wait for, but the same ops reach the dispatcher, where a
 dispatch mode sees them: these tests run whole pipelines and fail on any such op issued from tokenmerge's code.
+A copy to the host (``.cpu()``, ``.tolist()``) dispatches nothing for a CPU tensor, so it is not seen here; the
+data path has none (``grep`` the modules outside the CLI, bench and eval).
 """
 
 from __future__ import annotations

@@ -76,11 +76,12 @@ class BlockPatch:
         state = self.state
         config = state.config
         x = _first_tensor(args, kwargs)
-        if not config.merges(x.shape[0], x.shape[1], x.shape[2], x.device.type):  # too small to pay: as is, and reported
+        batch, tokens, channels = x.shape
+        if not config.merges(batch, tokens, channels, x.device.type):  # too small to pay: as is, and reported
             self.plan = None
-            state.skipped[self.target.name] = x.shape[1]
+            state.skipped[self.target.name] = tokens
             if state.on_plan is not None:
-                grid = state.adapter.grid(state.latent_hw, self.target, x.shape[1])
+                grid = state.adapter.grid(state.latent_hw, self.target, tokens)
                 state.on_plan(PlanEvent(state.clock.step, self.target.name, grid, None, None, state.prune_phase))
             return
         key = config.share_key(self.target.name, self.target.level)
@@ -90,15 +91,15 @@ class BlockPatch:
             self._report(ctx)
             return
         hold_key = key or self.target.name
-        held = state.held_plan(hold_key, tuple(x.shape[:2])) if config.plan_every > 1 else None
+        held = state.held_plan(hold_key, (batch, tokens)) if config.plan_every > 1 else None
         if held is not None:  # plan_every: a plan from an earlier step of this run
             self.plan, ctx = held
             if key is not None:
                 state.shared_plans[key] = held
             self._report(ctx)
             return
-        grid = state.adapter.grid(state.latent_hw, self.target, x.shape[1])
-        groups = x.shape[0] // 2 if state.cfg_pairs else x.shape[0]
+        grid = state.adapter.grid(state.latent_hw, self.target, tokens)
+        groups = batch // 2 if state.cfg_pairs else batch
         ctx = PlanContext(
             grid=grid,
             generator=state.generator(x.device) if config.uses_rng else None,
@@ -117,7 +118,7 @@ class BlockPatch:
         if key is not None:
             state.shared_plans[key] = (self.plan, ctx)
         if config.plan_every > 1:
-            state.held_plans[hold_key] = (self.plan, ctx, tuple(x.shape[:2]))
+            state.held_plans[hold_key] = (self.plan, ctx, (batch, tokens))
         self._report(ctx)
 
     def _report(self, ctx: PlanContext) -> None:

@@ -79,12 +79,12 @@ class MethodConfig:
     ``seed`` and ``min_tokens``: the merge floor. ``min_tokens=None`` (default) is the automatic floor, where
     merging was measured not to pay: on CPU a block with fewer than 64 tokens is not merged, on CUDA one with
     batch x tokens below 65536 and a self-attention under 1 TFLOP (small blocks are launch bound; :meth:`merges`,
-    docs/benchmarks.md). An int:
-    blocks with fewer tokens are not merged, on any device; 0 merges every block, as tomesd does. Skipped
-    blocks are listed by :func:`tokenmerge.skipped_blocks`. Methods that plan from a block's input alone also
-    declare ``share_plan``: ``"block"`` (default) plans every patched block from its own input; ``"level"``
-    builds one plan per U-Net level and denoiser call from the input of the level's first block and reuses it
-    in the level's other blocks (one similarity matching per level instead of per block; outputs change).
+    docs/methods.md). An int: blocks with fewer tokens are not merged, on any device; 0 merges every block, as
+    tomesd does. Skipped blocks are listed by :func:`tokenmerge.skipped_blocks`. Methods that plan from a block's
+    input alone also declare ``share_plan``: ``"block"`` (default) plans every patched block from its own input;
+    ``"level"`` builds one plan per U-Net level and denoiser call from the input of the level's first block and
+    reuses it in the level's other blocks (one similarity matching per level instead of per block; outputs
+    change).
 
     The keyword-only fields below place merging in model families other than the SD U-Net, and reuse plans
     across steps:
