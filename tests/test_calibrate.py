@@ -60,6 +60,14 @@ def test_where_merging_cannot_pay_the_ratio_is_zero(sd1_unet, caplog):
     assert "merging cannot pay here" in caplog.text
 
 
+def test_a_block_below_the_floor_is_said_once_not_per_ratio(sd1_unet, caplog):
+    with caplog.at_level(logging.WARNING, logger="tokenmerge"):
+        tokenmerge.auto_ratio(sd1_unet, ToMe(seed=0), 1.2, inputs=unet_inputs(sd1_unet, 2, 6, 6),  # 36 tokens
+                              timer=FakeTimer(sd1_unet, {0.25: 1.0, 0.5: 1.0}), ratios=(0.25, 0.5), repeats=1,
+                              warmup=0)
+    assert caplog.text.count("is below the automatic floor (cpu: 64 tokens)") == 1
+
+
 def test_default_ratios_stop_at_the_methods_maximum(sd1_unet):
     result, timer = calibrate(sd1_unet, dict.fromkeys((0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75), 0.9), 5.0)
     assert list(result.speedups) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75]  # 0.75 = ToMe's 2x2 maximum

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import tomesd
 import torch
@@ -164,3 +166,21 @@ def test_a_latent_too_small_to_pay_is_computed_unmerged(sd1_unet):
         out = run(model, args, kwargs)
         assert len(tokenmerge.skipped_blocks(model)) == len(tokenmerge.models.adapter_for(sd1_unet).targets(ToMe()))
     assert torch.equal(out, run(sd1_unet, args, kwargs))
+
+
+def test_a_skipped_block_is_said_once_per_patch(sd1_unet, caplog):
+    """The floor is not silent: the first skipped block is logged with the floor and the way around it."""
+    small = unet_inputs(sd1_unet, 2, 6, 6)  # 36 tokens: below the CPU floor
+    large = unet_inputs(sd1_unet, 2, 16, 16)  # 256 tokens: merged
+    with caplog.at_level(logging.WARNING, logger="tokenmerge"):
+        with tokenmerge.patched(sd1_unet, ToMe(ratio=0.5)) as model:
+            run(model, *large)
+            assert caplog.records == []
+            run(model, *small)
+            run(model, *small)
+        [record] = caplog.records
+        assert "(batch 2 x 36 tokens x 32 channels) is below the automatic floor (cpu: 64 tokens)" in record.message
+        assert "min_tokens=0 merges every block" in record.message
+        with tokenmerge.patched(sd1_unet, ToMe(ratio=0.5)) as model:  # a new patch says it again
+            run(model, *small)
+        assert len(caplog.records) == 2

@@ -58,6 +58,7 @@ from torch.utils._pytree import tree_leaves
 
 from .api import apply, patched, remove, skipped_blocks
 from .cli import METHODS as CONFIGS
+from .hooks import floor_warnings_off
 from .cli import at_least, number_list
 from .methods import ImportanceMerge, ToMe
 from .presets import preset
@@ -600,16 +601,24 @@ def sizes_for(model: str, args: argparse.Namespace) -> tuple[Size, ...]:
 def run_bench(args: argparse.Namespace) -> list[dict]:
     """Bench every model and resolution; one row (a dict of CSV_FIELDS) per variant."""
     rows = []
-    for model in args.models:
-        config = model_config(model, args.tiny)
-        log(f"{model}: building {config['_class_name']} ({'tiny' if args.tiny else 'full size'}, random weights) "
-            f"on {args.device} {args.dtype_name}")
-        denoiser = build_denoiser(config, args.device, args.dtype, args.seed)
-        for size in sizes_for(model, args):
-            rows += table_rows(model, size, bench_resolution(denoiser, size, args), args.device.type)
-        del denoiser
-        if args.device.type == "cuda":
-            torch.cuda.empty_cache()
+    with floor_warnings_off():  # the table's notes name the skipped blocks; every round re-patches
+        for model in args.models:
+            rows += bench_model(model, args)
+    return rows
+
+
+def bench_model(model: str, args: argparse.Namespace) -> list[dict]:
+    """Build one model's full-size (or tiny) architecture and bench each of its resolutions."""
+    config = model_config(model, args.tiny)
+    log(f"{model}: building {config['_class_name']} ({'tiny' if args.tiny else 'full size'}, random weights) "
+        f"on {args.device} {args.dtype_name}")
+    denoiser = build_denoiser(config, args.device, args.dtype, args.seed)
+    rows = []
+    for size in sizes_for(model, args):
+        rows += table_rows(model, size, bench_resolution(denoiser, size, args), args.device.type)
+    del denoiser
+    if args.device.type == "cuda":
+        torch.cuda.empty_cache()
     return rows
 
 

@@ -13,6 +13,7 @@ merged); the result says so.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import statistics
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .api import apply, current_config, find_denoiser, patched, remove
+from .hooks import floor_warnings_off
 from .methods.base import MethodConfig
 
 log = logging.getLogger("tokenmerge")
@@ -130,8 +132,10 @@ def auto_ratio(model: object, config: MethodConfig, target_speedup: float, *,
     try:
         baseline = median_seconds()
         speedups = {}
-        for ratio in ratios:
-            with patched(denoiser, dataclasses.replace(config, ratio=ratio)):
+        for tried, ratio in enumerate(ratios):
+            # A block below the floor is logged at the first ratio; the later ones would say it again.
+            quiet = floor_warnings_off() if tried else contextlib.nullcontext()
+            with patched(denoiser, dataclasses.replace(config, ratio=ratio)), quiet:
                 speedups[ratio] = baseline / median_seconds()
             if speedups[ratio] >= target_speedup:
                 break  # larger ratios cost quality; the smallest that reaches the target is the answer

@@ -20,12 +20,30 @@ block instead of recompilations as the step changes; merge and unmerge stay in t
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+
 import torch
 
 from .methods.base import PlanContext
 from .models.unet import PatchTarget
 from .plan import MergePlan
 from .state import PatchState, PlanEvent
+
+logger = logging.getLogger("tokenmerge")
+
+
+@contextlib.contextmanager
+def floor_warnings_off() -> Iterator[None]:
+    """Silence the skipped-block warning, for callers that patch many times and report skipped blocks
+    themselves (``tokenmerge bench``'s notes, ``auto_ratio``'s speed-ups)."""
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -80,6 +98,13 @@ class BlockPatch:
         if not config.merges(batch, tokens, channels, x.device.type):  # too small to pay: as is, and reported
             self.plan = None
             state.skipped[self.target.name] = tokens
+            if not state.told_floor and not torch.compiler.is_compiling():
+                state.told_floor = True  # once per patch: the user learns why there is no speed-up
+                logger.warning(
+                    "tokenmerge: %s (batch %d x %d tokens x %d channels) is below %s: merging it would not pay, so it "
+                    "runs unmerged, as may other blocks (tokenmerge.skipped_blocks lists them after each call). "
+                    "min_tokens=0 merges every block.", self.target.name, batch, tokens, channels,
+                    config.floor(x.device.type))
             if state.on_plan is not None:
                 grid = state.adapter.grid(state.latent_hw, self.target, tokens)
                 state.on_plan(PlanEvent(state.clock.step, self.target.name, grid, None, None, state.prune_phase))

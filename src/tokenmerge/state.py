@@ -98,6 +98,7 @@ class PatchState:
         self.shared_plans: dict = {}  # share key -> (plan, context), for the current denoiser call
         self.held_plans: dict = {}  # block or share key -> (plan, context, tokens), kept across steps (plan_every)
         self.skipped: dict[str, int] = {}  # blocks left unmerged (below the floor) in the last call: name -> tokens
+        self.told_floor = False  # a skipped block was logged (once per patch)
         self._generators: dict[torch.device, torch.Generator] = {}
         self._pooled: dict[tuple[int, int], torch.Tensor | None] = {}
         self._run_is_cfg: bool | None = None  # a pipeline without a guidance flag: read once per run
