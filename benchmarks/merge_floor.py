@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from plan_cost import seconds as one_call_seconds
 
 from tokenmerge import ToMe
 from tokenmerge.methods.base import PlanContext
@@ -39,16 +39,8 @@ class SelfAttention(torch.nn.Module):
 
 
 def seconds(fn, device: torch.device, repeats: int) -> float:
-    times = []
-    for _ in range(repeats + 1):  # the first call warms up
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    """Median of ``repeats`` calls after a warm-up call, each from a synchronised device to its end."""
+    return statistics.median([one_call_seconds(fn, device) for _ in range(repeats + 1)][1:])
 
 
 def main() -> None:

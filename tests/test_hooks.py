@@ -5,7 +5,8 @@ boolean mask) stalls the Python thread until every queued kernel has run, so the
 behind the running ones. On CPU there is no queue to wait for, but the same ops reach the dispatcher, where a
 dispatch mode sees them: these tests run whole pipelines and fail on any such op issued from tokenmerge's code.
 A copy to the host (``.cpu()``, ``.tolist()``) dispatches nothing for a CPU tensor, so it is not seen here; the
-data path has none (``grep`` the modules outside the CLI, bench and eval).
+data path has none (``grep`` the modules outside the CLI, bench and eval). A bare denoiser (no scheduler) reads
+its timestep where plans follow the run: tests/test_compile.py checks it is read only there.
 """
 
 from __future__ import annotations
@@ -132,18 +133,3 @@ def test_the_check_sees_a_sync_issued_from_a_plan(sd1_pipe, monkeypatch):
     finally:
         tokenmerge.remove(sd1_pipe)
     assert syncs.found and all("_local_scalar_dense" in f for f in syncs.found)
-
-
-def test_a_bare_denoiser_reads_its_timestep_only_where_plans_follow_the_run(sd1_pipe):
-    """Without a pipeline the run is told by the timestep's value: one read per call, only where plans need it
-    (documented on RunClock); a pipeline's scheduler tells it without reading (the tests above)."""
-    unet = sd1_pipe.unet
-    sample = torch.randn(2, 4, 8, 8)
-    text = torch.randn(2, 7, unet.config.cross_attention_dim)
-    found = {}
-    for config in (ToMe(ratio=0.5, use_rand=False), ToMe(ratio=0.5)):
-        with tokenmerge.patched(unet, config), torch.no_grad(), HostSyncs() as syncs:
-            unet(sample, torch.tensor(500), text)
-        found[config.use_rand] = syncs.found
-    assert found[False] == []
-    assert len(found[True]) == 1 and "state.py" in found[True][0]

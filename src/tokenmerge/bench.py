@@ -58,8 +58,8 @@ from torch.utils._pytree import tree_leaves
 
 from .api import apply, patched, remove, skipped_blocks
 from .cli import METHODS as CONFIGS
-from .hooks import floor_warnings_off
 from .cli import at_least, number_list
+from .hooks import floor_warnings_off
 from .methods import ImportanceMerge, ToMe
 from .presets import preset
 

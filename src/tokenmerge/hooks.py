@@ -31,19 +31,20 @@ from .models.unet import PatchTarget
 from .plan import MergePlan
 from .state import PatchState, PlanEvent
 
-logger = logging.getLogger("tokenmerge")
+#: The skipped-block warning has a logger of its own (under ``tokenmerge``), so it can be silenced alone.
+floor_logger = logging.getLogger("tokenmerge.floor")
 
 
 @contextlib.contextmanager
 def floor_warnings_off() -> Iterator[None]:
     """Silence the skipped-block warning, for callers that patch many times and report skipped blocks
     themselves (``tokenmerge bench``'s notes, ``auto_ratio``'s speed-ups)."""
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    level = floor_logger.level
+    floor_logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        floor_logger.setLevel(level)
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -100,7 +101,7 @@ class BlockPatch:
             state.skipped[self.target.name] = tokens
             if not state.told_floor and not torch.compiler.is_compiling():
                 state.told_floor = True  # once per patch: the user learns why there is no speed-up
-                logger.warning(
+                floor_logger.warning(
                     "tokenmerge: %s (batch %d x %d tokens x %d channels) is below %s: merging it would not pay, so it "
                     "runs unmerged, as may other blocks (tokenmerge.skipped_blocks lists them after each call). "
                     "min_tokens=0 merges every block.", self.target.name, batch, tokens, channels,
