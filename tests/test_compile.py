@@ -1,5 +1,5 @@
-"""torch.compile of a patched denoiser: no graph breaks where the method draws nothing and ignores the run,
-and the compiled graph computes what eager does.
+"""torch.compile of a patched denoiser: no graph breaks for every method's defaults (random draws and the run's
+phases included), and the compiled graph computes what eager does.
 
 The fast tests compile with ``backend="aot_eager"`` (dynamo's full capture and AOTAutograd's functionalised
 graph, run by eager kernels: seconds). Inductor's code generation takes minutes on a 2-core CPU, so the
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tokenmerge
-from tokenmerge import ImportanceMerge, SiTo, ToFu, ToMe
+from tokenmerge import ImportanceMerge, ReToM, SiTo, ToFu, ToMe
 
 from .conftest import run, unet_inputs
 
@@ -29,69 +29,106 @@ TRACEABLE = [
 ]
 
 
-def graph_breaks(unet, config) -> list[str]:
+def graphs(unet, config) -> int:
+    """Graphs ``torch._dynamo.explain`` captures in one patched call of ``unet``, as ``torch.compile(unet)`` does:
+    the forward in one, and each of the module's own traced hooks with tensor work in a frame of its own."""
     args, kwargs = unet_inputs(unet, 2)
     dynamo.reset()
     with tokenmerge.patched(unet, config), torch.no_grad():
-        # Through a function, as torch.compile(unet) traces it: the module's own hooks in the same frame
-        # (explain(unet) compiles them as separate frames, and counts every extra graph as a break).
-        explained = dynamo.explain(lambda *a, **k: unet(*a, **k))(*args, **kwargs)
-    return [str(reason.reason).splitlines()[0] for reason in explained.break_reasons] or \
-        ["(unlisted)"] * explained.graph_break_count
+        return dynamo.explain(unet)(*args, **kwargs).graph_count
 
 
-def test_explain_finds_no_graph_breaks(sd1_unet):
-    config = TRACEABLE[1]
-    assert not config.uses_rng and not config.uses_clock
-    assert graph_breaks(sd1_unet, config) == []
+# ImportanceMerge(importance="cfg") has a second frame: the post-hook computing |eps_cond - eps_uncond|.
+@pytest.mark.parametrize("config,frames", [(TRACEABLE[1], 1), (ToMe(), 1), (ImportanceMerge(), 2), (ToFu(), 1),
+                                           (SiTo(), 1), (ReToM(period=1), 1),
+                                           (ImportanceMerge(importance="crossattn"), 1)])
+def test_explain_finds_no_graph_breaks(sd1_unet, config, frames):
+    assert graphs(sd1_unet, config) == frames
 
 
-def test_compiled_matches_eager_without_recompiling_per_step(sd1_unet):
-    """fullgraph=True raises at any graph break; error_on_recompile at a per-step recompilation."""
-    config = ToMe(ratio=0.5, use_rand=False, max_downsample=2, share_plan="level")
-    assert not config.uses_rng and not config.uses_clock
+def counting_backend(graphs: list):
+    """``aot_eager`` (eager kernels, so random draws match eager's), recording every graph compiled."""
+    aot_eager = dynamo.lookup_backend("aot_eager")
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    return backend
+
+
+STEPS = (999, 800, 600, 400, 200)  # a bare denoiser's run: a larger timestep starts the next one
+
+
+# The defaults draw random numbers restarted per run; ImportanceMerge also changes phase during the run.
+@pytest.mark.parametrize("config,graphs", [
+    (ToMe(ratio=0.5, max_downsample=2), 1),
+    # The U-Net without a map (first step), pruning, merging; and the post-hook's |eps_cond - eps_uncond|
+    # (the compiled module's own hooks are frames of their own).
+    (ImportanceMerge(ratio=0.5, prune_steps=0.3), 4),
+    (ToFu(ratio=0.5), 1),
+    (SiTo(ratio=0.5), 1),
+])
+def test_plans_that_follow_the_run_compile_with_fullgraph_once_per_phase(sd1_unet, config, graphs):
+    """The random stream and the step live in the eager denoiser pre-hook, outside the graph: fullgraph=True
+    compiles the patched U-Net, a later run recompiles nothing, and it computes what eager does."""
+    assert config.uses_rng and config.uses_clock and not config.uses_step
     args, kwargs = unet_inputs(sd1_unet, 2)
-    other = unet_inputs(sd1_unet, 2, seed=1)[0]
+    torch.manual_seed(0)
     with tokenmerge.patched(sd1_unet, config):
-        eager = [run(sd1_unet, args, kwargs, timestep=t) for t in (900, 500)] + [run(sd1_unet, other, kwargs)]
+        eager = [run(sd1_unet, args, kwargs, timestep=t) for t in STEPS]
+    compiled_graphs = []
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with tokenmerge.patched(sd1_unet, config):
         dynamo.reset()
-        compiled = torch.compile(sd1_unet, fullgraph=True, backend="aot_eager")
-        with dynamo.config.patch(error_on_recompile=True):
-            got = [run(compiled, args, kwargs, timestep=t) for t in (900, 500)] + [run(compiled, other, kwargs)]
-    for a, b in zip(got, eager):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    assert not torch.allclose(eager[0], run(sd1_unet, args, kwargs, timestep=900), atol=1e-4), "must merge"
+        compiled = torch.compile(sd1_unet, fullgraph=True, backend=counting_backend(compiled_graphs))
+        got = [run(compiled, args, kwargs, timestep=t) for t in STEPS]
+        assert len(compiled_graphs) == graphs
+        again = [run(compiled, args, kwargs, timestep=t) for t in STEPS]  # a second run, the same fork
+    assert len(compiled_graphs) == graphs
+    assert torch.equal(torch.get_rng_state(), before), "the user's RNG is neither consumed nor replaced"
+    for a, b, c in zip(got, again, eager):
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=0)
+        torch.testing.assert_close(b, c, atol=1e-5, rtol=0)
+    assert not torch.allclose(eager[-2], eager[-1], atol=1e-4) or config.ratio == 0, "the plans change per step"
 
 
-@pytest.mark.parametrize("config", [ToMe(ratio=0.5, max_downsample=2, seed=0),
-                                    ImportanceMerge(ratio=0.5, seed=0, importance=torch.rand(16, 16), prune_steps=0.0)])
-def test_plans_that_follow_the_run_compile_once_not_per_step(sd1_unet, config):
-    """Random cells (reseeded per run) read the step clock: those hooks run eagerly, so the graphs compiled in
-    the first steps serve every later one (traced, they made ImportanceMerge recompile at later steps)."""
-    assert config.uses_clock
+@pytest.mark.parametrize("config", [ToMe(ratio=0.5, max_downsample=2, plan_every=2), ReToM(ratio=0.5, period=2)])
+def test_plans_built_from_the_step_run_eagerly_and_compile_once(sd1_unet, config):
+    """``plan_every`` and ReToM's ``period`` read the step index (traced, it would recompile every step): their plan
+    hooks run eagerly, a graph break per block, and the graphs compiled in the first steps serve every later one."""
+    assert config.uses_step or config.plan_every > 1
     args, kwargs = unet_inputs(sd1_unet, 2)
-    steps = (999, 800, 600, 400, 200)
+    torch.manual_seed(0)
     with tokenmerge.patched(sd1_unet, config):
-        eager = [run(sd1_unet, args, kwargs, timestep=t) for t in steps]
+        eager = [run(sd1_unet, args, kwargs, timestep=t) for t in STEPS]
+    torch.manual_seed(0)
     with tokenmerge.patched(sd1_unet, config):
         dynamo.reset()
-        compiled = torch.compile(sd1_unet, backend="aot_eager")
+        compiled_graphs = []
+        compiled = torch.compile(sd1_unet, backend=counting_backend(compiled_graphs))
         # The first two calls compile (the frames that resume after the eager hooks see their shapes then).
-        got = [run(compiled, args, kwargs, timestep=t) for t in steps[:2]]
+        got = [run(compiled, args, kwargs, timestep=t) for t in STEPS[:2]]
+        assert len(compiled_graphs) > 2, "the U-Net's forward is cut at every patched block"
         with dynamo.config.patch(error_on_recompile=True):
-            got += [run(compiled, args, kwargs, timestep=t) for t in steps[2:]]
+            got += [run(compiled, args, kwargs, timestep=t) for t in STEPS[2:]]
     for a, b in zip(got, eager):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    assert not torch.allclose(eager[1], eager[2], atol=1e-4), "the random cells change per step"
 
 
 @pytest.mark.skipif(not os.environ.get("TOKENMERGE_SLOW_TESTS"), reason="inductor compiles for minutes on CPU; "
                     "set TOKENMERGE_SLOW_TESTS=1")
-@pytest.mark.parametrize("config", [TRACEABLE[0], ToFu(ratio=0.5, use_rand=False), SiTo(ratio=0.5, base="V")])
+@pytest.mark.parametrize("config", [TRACEABLE[0], ToFu(ratio=0.5, use_rand=False), SiTo(ratio=0.5, base="V"),
+                                    ToMe(ratio=0.5, max_downsample=2)])
 def test_inductor_matches_eager(sd1_unet, config):
+    """Random cells too, with inductor drawing through the eager kernels (``fallback_random``): the same stream."""
     args, kwargs = unet_inputs(sd1_unet, 2)
+    torch.manual_seed(0)
     with tokenmerge.patched(sd1_unet, config):
         eager = run(sd1_unet, args, kwargs)
+    torch.manual_seed(0)
+    with tokenmerge.patched(sd1_unet, config), torch._inductor.config.patch(fallback_random=True):
         dynamo.reset()
         compiled = run(torch.compile(sd1_unet, fullgraph=True), args, kwargs)
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)

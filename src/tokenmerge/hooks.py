@@ -12,10 +12,12 @@
 No diffusers ``forward`` is copied: the submodules are called exactly as diffusers calls them, on
 fewer tokens, so any attention processor (SDPA, custom, LoRA) keeps working.
 
-Under ``torch.compile`` the hooks are traced with the model. Where plans follow the run (``state.follows_run``:
-the step, a generator reseeded per run, plans held across steps), the two hooks that read those Python counters
-(the denoiser's pre-hook and the block's plan) run eagerly (``torch.compiler.disable``): a graph break per
-block instead of recompilations as the step changes; merge and unmerge stay in the graphs.
+Under ``torch.compile`` the block hooks are traced with the model. The denoiser's pre-hook, which keeps the Python
+counters of the run (step, new run, the random stream's state), runs eagerly (``torch.compiler.disable``): as the
+compiled module's own hook it runs outside its graph, so ``fullgraph=True`` holds and the counters never become
+constants of a graph. The plans read only values that change at most once a run (the pruning phase, whether an
+importance map exists yet), each a recompilation, never one per step. Plans built from the step index itself
+(``plan_every``, ReToM's ``period``) or reported to ``on_plan`` run eagerly too: a graph break per block.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 
 from .methods.base import PlanContext
 from .models.unet import PatchTarget
-from .plan import MergePlan
+from .plan import DEVICE_RNG, MergePlan
 from .state import PatchState, PlanEvent
 
 #: The skipped-block warning has a logger of its own (under ``tokenmerge``), so it can be silenced alone.
@@ -57,11 +59,8 @@ def _replace_first(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tupl
     return args, {**kwargs, "hidden_states": value}
 
 
-def _eager_if(follows_run: bool, hook):
-    return torch.compiler.disable(hook) if follows_run else hook
-
-
 def install_denoiser_hooks(state: PatchState, denoiser: torch.nn.Module) -> None:
+    @torch.compiler.disable
     def before(module, args, kwargs):
         sample, timestep = state.adapter.read_inputs(args, kwargs)
         state.begin_call(sample, timestep)
@@ -69,8 +68,13 @@ def install_denoiser_hooks(state: PatchState, denoiser: torch.nn.Module) -> None
     def after(module, args, output):
         state.end_call(output)
 
-    state.handles.append(denoiser.register_forward_pre_hook(_eager_if(state.follows_run, before), with_kwargs=True))
+    @torch.compiler.disable
+    def give_back_rng(module, args, output):
+        state.rng.unload()
+
+    state.handles.append(denoiser.register_forward_pre_hook(before, with_kwargs=True))
     state.handles.append(denoiser.register_forward_hook(after))
+    state.handles.append(denoiser.register_forward_hook(give_back_rng, always_call=True))
 
 
 class BlockPatch:
@@ -84,8 +88,8 @@ class BlockPatch:
     def install(self, submodules: list[torch.nn.Module]) -> None:
         block = self.target.block
         handles = self.state.handles
-        handles.append(block.register_forward_pre_hook(_eager_if(self.state.follows_run, self._make_plan),
-                                                       with_kwargs=True))
+        make_plan = torch.compiler.disable(self._make_plan) if self.state.plans_read_step else self._make_plan
+        handles.append(block.register_forward_pre_hook(make_plan, with_kwargs=True))
         handles.append(block.register_forward_hook(self._drop_plan))
         for module in submodules:
             handles.append(module.register_forward_pre_hook(self._merge, with_kwargs=True))
@@ -99,7 +103,7 @@ class BlockPatch:
         if not config.merges(batch, tokens, channels, x.device.type):  # too small to pay: as is, and reported
             self.plan = None
             state.skipped[self.target.name] = tokens
-            if not state.told_floor and not torch.compiler.is_compiling():
+            if not torch.compiler.is_compiling() and not state.told_floor:
                 state.told_floor = True  # once per patch: the user learns why there is no speed-up
                 floor_logger.warning(
                     "tokenmerge: %s (batch %d x %d tokens x %d channels) is below %s: merging it would not pay, so it "
@@ -128,11 +132,11 @@ class BlockPatch:
         groups = batch // 2 if state.cfg_pairs else batch
         ctx = PlanContext(
             grid=grid,
-            generator=state.generator(x.device) if config.uses_rng else None,
+            generator=DEVICE_RNG if config.uses_rng else None,
             cfg_pairs=state.cfg_pairs,
             prune_phase=state.prune_phase,
             importance=state.importance_on_grid(grid, groups) if state.config.uses_importance else None,
-            step=state.clock.step,
+            step=state.clock.step if state.plans_read_step else -1,  # traced, an int read would recompile per step
             block=self.target.name,
             level=self.target.level,
             num_levels=state.adapter.num_levels,

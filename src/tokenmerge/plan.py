@@ -44,6 +44,22 @@ def shape_constant(key: tuple, build: Callable[[], object]) -> object:
     return value
 
 
+#: ``PlanContext.generator`` for "the default generator of the tokens' device". The denoiser hooks load the patch's
+#: private RNG state into that generator for the length of each call (:class:`tokenmerge.state.PrivateRNG`), so a
+#: plan draws the numbers a private ``torch.Generator`` in that state would, and ``torch.compile`` can trace the
+#: draw (it cannot trace a ``torch.Generator`` argument).
+DEVICE_RNG = "device"
+
+
+def draw(sample: Callable[..., torch.Tensor], *args: object, generator: torch.Generator | str,
+         device: torch.device | str) -> torch.Tensor:
+    """``sample(*args)`` (``torch.rand``, ``randn``, ``randint``) on ``device``, from ``generator``: a
+    ``torch.Generator`` (drawn on its own device, then moved) or :data:`DEVICE_RNG`."""
+    if isinstance(generator, torch.Generator):
+        return sample(*args, generator=generator, device=generator.device).to(device)
+    return sample(*args, device=device)
+
+
 def arange_of(n: int, device: torch.device | str) -> torch.Tensor:
     """``torch.arange(n)`` on ``device``, shared (see :func:`shape_constant`)."""
     return shape_constant(("arange", n, torch.device(device)), lambda: torch.arange(n, device=device))
@@ -178,11 +194,11 @@ def plan_from_matching(
 
 def cell_destinations(
     height: int, width: int, sy: int, sx: int, batch: int = 1,
-    generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+    generator: torch.Generator | str | None = None, device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """One destination per full ``sy x sx`` cell of the grid: ``(batch, cells)`` token indices, raster order.
 
-    With a generator each cell's destination is drawn uniformly (as tomesd does); without one it is the
+    With a generator (see :func:`draw`) each cell's destination is drawn uniformly (as tomesd does); without one it is the
     cell's top-left token. Tokens in the partial cells at the right/bottom edge are never destinations.
     """
     cells_y, cells_x = height // sy, width // sx
@@ -196,8 +212,8 @@ def cell_destinations(
     if generator is None:
         return corners.expand(batch, -1)
     # Drawn with the same shape and order as tomesd, so a fork of the same RNG state gives the same cells.
-    offset = torch.randint(sy * sx, size=(batch * cells_y, cells_x, 1), generator=generator,
-                           device=generator.device).to(device).view(batch, -1)
+    offset = draw(torch.randint, sy * sx, (batch * cells_y, cells_x, 1), generator=generator, device=device)
+    offset = offset.view(batch, -1)
     return token_in_cell(offset, height, width, sy, sx)
 
 

@@ -75,6 +75,56 @@ class RunClock:
         return new_run
 
 
+def _rng_state(device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    return torch.get_device_module(device).get_rng_state(device)
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cpu":
+        torch.set_rng_state(state)
+    else:
+        torch.get_device_module(device).set_rng_state(state, device)
+
+
+class PrivateRNG:
+    """The patch's random numbers: a stream of its own, forked from the global RNG (or seeded) at each new run.
+
+    For the length of a denoiser call its state is loaded into the default generator of the input's device and
+    taken out again after, so the plans draw from that generator (``plan.DEVICE_RNG``): the same numbers a
+    private ``torch.Generator`` would give, and a draw ``torch.compile`` can trace. The user's RNG is neither
+    consumed nor disturbed. A denoiser split over several devices draws its other devices' numbers from their
+    own global generators.
+    """
+
+    def __init__(self, seed: int | None) -> None:
+        self.seed = seed
+        self._states: dict[torch.device, torch.Tensor] = {}  # the stream per device, between calls
+        self._lent: tuple[torch.device, torch.Tensor] | None = None  # (device, the user's state) during a call
+
+    def restart(self) -> None:
+        """A new run: the next call forks the global RNG again (or reseeds)."""
+        self._states.clear()
+
+    def load(self, device: torch.device) -> None:
+        if device.type == "meta" or self._lent is not None:  # meta tensors draw no numbers
+            return
+        users = _rng_state(device)
+        ours = self._states.get(device)
+        if ours is None:
+            ours = users if self.seed is None else torch.Generator(device).manual_seed(self.seed).get_state()
+        _set_rng_state(device, ours)
+        self._lent = (device, users)
+
+    def unload(self) -> None:
+        if self._lent is not None:
+            device, users = self._lent
+            self._states[device] = _rng_state(device)
+            _set_rng_state(device, users)
+            self._lent = None
+
+
 class PatchState:
     """The state of one patched denoiser. Lives as ``denoiser._tokenmerge`` until ``remove``."""
 
@@ -92,28 +142,28 @@ class PatchState:
         self.importance: torch.Tensor | None = None  # (groups, H, W), from the previous step
         self.cache: dict = {}  # methods' own cross-step state (PlanContext.cache)
         self.cfg_importance = _is_cfg(getattr(config, "importance", None))  # read from the CFG output
-        # Plans that follow the run (step, progress, a generator reseeded per run, plans held across steps; the
-        # temporal matching always draws) read Python counters; compiled, those hooks run eagerly (hooks.py).
+        # Plans that follow the run (step, progress, random numbers restarted per run, plans held across steps; the
+        # temporal matching always draws): a bare denoiser's clock reads the timestep to tell a new run.
         self.follows_run = config.uses_clock or config.plan_every > 1 or config.temporal_ratio > 0
+        # Plans built from the step index itself (or reported to a Python callback): compiled, they run eagerly.
+        self.plans_read_step = config.uses_step or config.plan_every > 1 or on_plan is not None
+        self.draws = config.uses_rng or config.temporal_ratio > 0  # plans draw random numbers (from self.rng)
+        self.rng = PrivateRNG(config.seed)
         self.shared_plans: dict = {}  # share key -> (plan, context), for the current denoiser call
         self.held_plans: dict = {}  # block or share key -> (plan, context, tokens), kept across steps (plan_every)
         self.skipped: dict[str, int] = {}  # blocks left unmerged (below the floor) in the last call: name -> tokens
         self.told_floor = False  # a skipped block was logged (once per patch)
-        self._generators: dict[torch.device, torch.Generator] = {}
         self._pooled: dict[tuple[int, int], torch.Tensor | None] = {}
         self._run_is_cfg: bool | None = None  # a pipeline without a guidance flag: read once per run
 
     # -- called by the denoiser hooks ------------------------------------------------------------
     def begin_call(self, sample: torch.Tensor, timestep: object) -> None:
-        # Compiled, a method that ignores the run skips the clock: its Python counters would be baked into the
-        # graph as constants and force a recompilation at every step.
-        follows_run = self.follows_run
-        new_run = (follows_run or not torch.compiler.is_compiling()) and self.clock.tick(timestep, follows_run)
+        new_run = self.clock.tick(timestep, self.follows_run)
         if new_run:
             self.importance = None
             self.cache.clear()
             self.held_plans.clear()
-            self._generators.clear()
+            self.rng.restart()
         self.latent_hw = tuple(sample.shape[-2:])
         self.cfg_pairs = self._is_cfg_batch(sample, new_run)
         self.prune_phase = self.clock.progress < getattr(self.config, "prune_steps", 0.0)
@@ -132,6 +182,8 @@ class PatchState:
         if isinstance(signal, torch.Tensor) or callable(signal):
             given = signal(self.clock.step) if callable(signal) else signal
             self.importance = given.to(sample.device, torch.float32).reshape(-1, *given.shape[-2:])
+        if self.draws:
+            self.rng.load(sample.device)  # the denoiser's last hook unloads it, even if the call raises
 
     def end_call(self, output: object) -> None:
         self.shared_plans.clear()  # plans hold index tensors: do not keep them alive between calls
@@ -143,26 +195,6 @@ class PatchState:
             self.importance = (eps[half:] - eps[:half]).abs().float().mean(dim=1)
 
     # -- called by the block hooks ---------------------------------------------------------------
-    def generator(self, device: torch.device) -> torch.Generator:
-        """The patch's private generator on ``device``, seeded at the start of the run.
-
-        On the meta device (counting FLOPs without memory) it is a CPU generator: the methods draw on the
-        generator's device and move the draw to the tokens'.
-        """
-        if device not in self._generators:
-            gen = torch.Generator(device="cpu" if device.type == "meta" else device)
-            if self.config.seed is not None:
-                gen.manual_seed(self.config.seed)
-            elif device.type == "cuda":
-                gen.set_state(torch.cuda.get_rng_state(device))
-            elif device.type == "cpu":
-                gen.set_state(torch.get_rng_state())  # a fork: the global RNG is not consumed
-            else:
-                cpu_fork = torch.Generator().set_state(torch.get_rng_state())
-                gen.manual_seed(int(torch.randint(2**62, (1,), generator=cpu_fork)))
-            self._generators[device] = gen
-        return self._generators[device]
-
     def held_plan(self, key: object, tokens: tuple[int, int]) -> tuple | None:
         """``(plan, context)`` built for ``key`` fewer than ``config.plan_every`` steps ago, or None.
 

@@ -34,12 +34,16 @@ class PlanContext:
 
     Attributes:
         grid: ``(height, width)`` of the block's token grid.
-        generator: the patch's private RNG on the tokens' device (never the global one); None for a method
-            that draws nothing (:attr:`MethodConfig.uses_rng` is False), so no generator is made per call.
+        generator: where the plan draws its random numbers (:func:`tokenmerge.plan.draw`): from the hooks,
+            ``plan.DEVICE_RNG``, the tokens' device's default generator holding the patch's private stream
+            for the call (never the user's); called directly, any ``torch.Generator``. None for a method that
+            draws nothing (:attr:`MethodConfig.uses_rng` is False).
         cfg_pairs: True when the batch is ``[uncond; cond]`` and both halves must share one plan.
         prune_phase: True during the first steps where the method prunes instead of merging.
         importance: ``(pairs_or_batch, N)`` importance of each token, or None when none is known yet.
-        step: denoiser call index within the current pipeline run.
+        step: denoiser call index within the current pipeline run, for methods whose
+            :attr:`MethodConfig.uses_step` is True (and with ``plan_every``); -1 for the others, whose
+            compiled graphs must not depend on it.
         block: name of the patched block (a key for per-block caches).
         level: the block's U-Net level (0 = full latent resolution).
         num_levels: how many levels the U-Net has (``level == num_levels - 1`` is the bottleneck).
@@ -48,7 +52,7 @@ class PlanContext:
     """
 
     grid: tuple[int, int]
-    generator: torch.Generator | None = None
+    generator: torch.Generator | str | None = None
     cfg_pairs: bool = False
     prune_phase: bool = False
     importance: torch.Tensor | None = None
@@ -122,12 +126,17 @@ class MethodConfig:
 
     @property
     def uses_clock(self) -> bool:
-        """Whether plans depend on the run: its step or progress, or a reseeded generator at a new run.
+        """Whether plans depend on the run: its progress, or random numbers restarted at a new run.
 
-        When False, a bare denoiser's timestep is never read (no device-to-host sync), and a compiled
-        denoiser skips the clock entirely (no graph break, no per-step recompilation).
+        When False, a bare denoiser's timestep is never read (no device-to-host sync).
         """
         return True
+
+    @property
+    def uses_step(self) -> bool:
+        """Whether plans read ``PlanContext.step`` itself. Compiled, such a plan runs eagerly (a graph break
+        per block), as a traced step index would recompile the graph at every step."""
+        return False
 
     def share_key(self, block: str, level: int) -> tuple | None:
         """Key under which blocks share one plan per denoiser call, or None to plan per block.

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..plan import MergePlan, cell_destinations, complement, plan_from_matching
+from ..plan import MergePlan, cell_destinations, complement, draw, plan_from_matching
 from .base import MethodConfig, PlanContext, check_range
 from .matching import check_match, nearest
 
@@ -154,8 +154,8 @@ class ImportanceMerge(MethodConfig):
         elif self.dst_selection == "topk":
             dst = pool[:, : self.num_destinations(num_tokens)]  # topk is sorted: the most important first
         else:
-            draw = torch.rand(groups, pool_size, generator=ctx.generator, device=ctx.generator.device)
-            dst = pool.gather(1, draw.to(x.device).topk(self.num_destinations(num_tokens), dim=1).indices)
+            order = draw(torch.rand, groups, pool_size, generator=ctx.generator, device=x.device)
+            dst = pool.gather(1, order.topk(self.num_destinations(num_tokens), dim=1).indices)
 
         src = complement(dst, num_tokens)
         similarity, closest = nearest(features, src, dst, ctx.grid, self.match)

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..plan import MergePlan, gather_tokens
+from ..plan import MergePlan, draw, gather_tokens
 from .base import MethodConfig, PlanContext, check_range
 
 DESTINATIONS = ("representative", "random", "least")
@@ -140,6 +140,10 @@ class ReToM(MethodConfig):
     def uses_rng(self) -> bool:
         return self.destination == "random"
 
+    @property
+    def uses_step(self) -> bool:
+        return self.period > 1  # the selection is recomputed at the steps step % period == 0
+
     def window_size(self, level: int, num_levels: int) -> int:
         """The window side used at U-Net ``level`` of a U-Net with ``num_levels`` levels."""
         if self.window is not None:
@@ -189,8 +193,7 @@ class ReToM(MethodConfig):
             elif self.destination == "least":
                 dst = mean.argmin(dim=-1)
             else:
-                gen = ctx.generator
-                dst = torch.randint(k, (1, windows), generator=gen, device=gen.device).to(device).expand(batch, -1)
+                dst = draw(torch.randint, k, (1, windows), generator=ctx.generator, device=device).expand(batch, -1)
             if self.sources == "nearest":
                 score = sim.gather(2, dst[:, :, None, None].expand(-1, -1, 1, k)).squeeze(2)
             else:  # Algorithm 1 ranks by sim; the least-representative ablation ranks the other way

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..plan import (MergePlan, cell_destinations, complement, gather_tokens, nearest_destination, plan_from_matching,
+from ..plan import (MergePlan, cell_destinations, complement, draw, gather_tokens, nearest_destination, plan_from_matching,
                     token_in_cell)
 from .base import MethodConfig, PlanContext
 
@@ -176,15 +176,15 @@ class SiTo(MethodConfig):
             return cell_destinations(height, width, s, s, batch=batch, generator=ctx.generator, device=x.device)
         num_base = (height // s) * (width // s)
         if strategy == "random_global":
-            draw = torch.rand(batch, num_tokens, generator=ctx.generator, device=ctx.generator.device)
-            return draw.to(x.device).topk(num_base, dim=1).indices.sort(dim=1).values
+            order = draw(torch.rand, batch, num_tokens, generator=ctx.generator, device=x.device)
+            return order.topk(num_base, dim=1).indices.sort(dim=1).values
         score = sim_score(x)
         if strategy == "simscore_global":
             return score.topk(num_base, dim=1).indices.sort(dim=1).values
         if strategy == "noisy_simscore_patch" and self.sigma > 0:
-            noise = torch.randn(batch, num_tokens, generator=ctx.generator, device=ctx.generator.device)
+            noise = draw(torch.randn, batch, num_tokens, generator=ctx.generator, device=x.device)
             scale = self.sigma * score.std(dim=1, keepdim=True) if self.sigma_relative else self.sigma
-            score = score + scale * noise.to(x.device)
+            score = score + scale * noise
         return patch_argmax(score, height, width, s)
 
     def make_plan(self, x: torch.Tensor, ctx: PlanContext) -> MergePlan | None:

@@ -21,7 +21,7 @@ from torch import nn
 from ..hooks import BlockPatch, _first_tensor
 from ..methods.base import PlanContext
 from ..methods.tome import cell_matching
-from ..plan import plan_from_matching
+from ..plan import DEVICE_RNG, plan_from_matching
 from .base import PatchTarget
 from .unet import UNetAdapter, unet_targets
 
@@ -86,9 +86,8 @@ class TemporalPatch(BlockPatch):
     def _make_plan(self, module, args, kwargs):
         state = self.state
         x = _first_tensor(args, kwargs)
-        ctx = PlanContext(grid=(x.shape[1], 1), generator=state.generator(x.device), step=state.clock.step,
-                          block=self.target.name, level=self.target.level, num_levels=state.adapter.num_levels,
-                          cache=state.cache)
+        ctx = PlanContext(grid=(x.shape[1], 1), generator=DEVICE_RNG, block=self.target.name,
+                          level=self.target.level, num_levels=state.adapter.num_levels)
         with torch.no_grad():
             matching = cell_matching(x.detach(), ctx, state.config.temporal_ratio, sx=1, sy=2, use_rand=True)
         self.plan = None if matching is None else plan_from_matching(*matching, x.shape[1])
