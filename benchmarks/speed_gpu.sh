@@ -33,7 +33,7 @@ families)
         --methods unpatched,tomesd,tome,importance ;;
 compiled)
     bench sd15-compiled --models sd15 --sizes 512,1024 --ratios 0.5 --methods unpatched,tome,importance \
-        --share-plan level --min-tokens 0 --no-use-rand --compile reduce-overhead ;;
+        --share-plan level --min-tokens 0 --compile reduce-overhead ;;
 floor)
     bench sdxl-floor --models sdxl --sizes 1024,2048 --ratios 0.5,0.75 --methods unpatched,tome,importance ;;
 *) echo "unknown part $part" >&2; exit 2 ;;
