@@ -78,14 +78,14 @@ class RunClock:
 def _rng_state(device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         return torch.get_rng_state()
-    return torch.get_device_module(device).get_rng_state(device)
+    return getattr(torch, device.type).get_rng_state(device)  # torch.cuda, torch.xpu, torch.mps
 
 
 def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
     if device.type == "cpu":
         torch.set_rng_state(state)
     else:
-        torch.get_device_module(device).set_rng_state(state, device)
+        getattr(torch, device.type).set_rng_state(state, device)
 
 
 class PrivateRNG:
