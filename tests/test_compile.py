@@ -68,6 +68,8 @@ STEPS = (999, 800, 600, 400, 200)  # a bare denoiser's run: a larger timestep st
     (ImportanceMerge(ratio=0.5, prune_steps=0.3), 4),
     (ToFu(ratio=0.5), 1),
     (SiTo(ratio=0.5), 1),
+    # plan_every: a step that plans (first with no plan held, then replacing held ones) and one that reuses
+    (ToMe(ratio=0.5, max_downsample=2, plan_every=2), 3),
 ])
 def test_plans_that_follow_the_run_compile_with_fullgraph_once_per_phase(sd1_unet, config, graphs):
     """The random stream and the step live in the eager denoiser pre-hook, outside the graph: fullgraph=True
@@ -94,11 +96,11 @@ def test_plans_that_follow_the_run_compile_with_fullgraph_once_per_phase(sd1_une
     assert not torch.allclose(eager[-2], eager[-1], atol=1e-4) or config.ratio == 0, "the plans change per step"
 
 
-@pytest.mark.parametrize("config", [ToMe(ratio=0.5, max_downsample=2, plan_every=2), ReToM(ratio=0.5, period=2)])
+@pytest.mark.parametrize("config", [ReToM(ratio=0.5, period=2)])
 def test_plans_built_from_the_step_run_eagerly_and_compile_once(sd1_unet, config):
-    """``plan_every`` and ReToM's ``period`` read the step index (traced, it would recompile every step): their plan
-    hooks run eagerly, a graph break per block, and the graphs compiled in the first steps serve every later one."""
-    assert config.uses_step or config.plan_every > 1
+    """ReToM's ``period`` reads the step index (traced, it would recompile every step): its plan hooks run
+    eagerly, a graph break per block, and the graphs compiled in the first steps serve every later one."""
+    assert config.uses_step
     args, kwargs = unet_inputs(sd1_unet, 2)
     torch.manual_seed(0)
     with tokenmerge.patched(sd1_unet, config):

@@ -16,8 +16,9 @@ Under ``torch.compile`` the block hooks are traced with the model. The denoiser'
 counters of the run (step, new run, the random stream's state), runs eagerly (``torch.compiler.disable``): as the
 compiled module's own hook it runs outside its graph, so ``fullgraph=True`` holds and the counters never become
 constants of a graph. The plans read only values that change at most once a run (the pruning phase, whether an
-importance map exists yet), each a recompilation, never one per step. Plans built from the step index itself
-(``plan_every``, ReToM's ``period``) or reported to ``on_plan`` run eagerly too: a graph break per block.
+importance map exists yet; with ``plan_every``, whether the held plans are still fresh), each a recompilation,
+never one per step. Plans built from the step index itself (ReToM's ``period``) or reported to ``on_plan`` run
+eagerly too: a graph break per block.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ class BlockPatch:
         if key is not None:
             state.shared_plans[key] = (self.plan, ctx)
         if config.plan_every > 1:
-            state.held_plans[hold_key] = (self.plan, ctx, (batch, tokens))
+            state.hold_plan(hold_key, self.plan, ctx, (batch, tokens))
         self._report(ctx)
 
     def _report(self, ctx: PlanContext) -> None:

@@ -146,11 +146,13 @@ class PatchState:
         # temporal matching always draws): a bare denoiser's clock reads the timestep to tell a new run.
         self.follows_run = config.uses_clock or config.plan_every > 1 or config.temporal_ratio > 0
         # Plans built from the step index itself (or reported to a Python callback): compiled, they run eagerly.
-        self.plans_read_step = config.uses_step or config.plan_every > 1 or on_plan is not None
+        self.plans_read_step = config.uses_step or on_plan is not None
         self.draws = config.uses_rng or config.temporal_ratio > 0  # plans draw random numbers (from self.rng)
         self.rng = PrivateRNG(config.seed)
         self.shared_plans: dict = {}  # share key -> (plan, context), for the current denoiser call
         self.held_plans: dict = {}  # block or share key -> (plan, context, tokens), kept across steps (plan_every)
+        self.plan_ages: dict = {}  # the same keys -> denoiser calls since the plan was built
+        self.fresh_plans: frozenset = frozenset()  # keys whose held plan is younger than plan_every, for this call
         self.skipped: dict[str, int] = {}  # blocks left unmerged (below the floor) in the last call: name -> tokens
         self.told_floor = False  # a skipped block was logged (once per patch)
         self._pooled: dict[tuple[int, int], torch.Tensor | None] = {}
@@ -163,7 +165,11 @@ class PatchState:
             self.importance = None
             self.cache.clear()
             self.held_plans.clear()
+            self.plan_ages.clear()
             self.rng.restart()
+        for key in self.plan_ages:  # plan_every: counted here, eagerly, so a traced plan reads a set, not the step
+            self.plan_ages[key] += 1
+        self.fresh_plans = frozenset(key for key, age in self.plan_ages.items() if age < self.config.plan_every)
         self.latent_hw = tuple(sample.shape[-2:])
         self.cfg_pairs = self._is_cfg_batch(sample, new_run)
         self.prune_phase = self.clock.progress < getattr(self.config, "prune_steps", 0.0)
@@ -200,12 +206,15 @@ class PatchState:
 
         Held only while it still fits: the same ``(batch, tokens)`` and the same phase (pruning or merging).
         """
-        held = self.held_plans.get(key)
-        if held is None:
+        if key not in self.fresh_plans:
             return None
-        plan, ctx, held_tokens = held
-        fresh = self.clock.step - ctx.step < self.config.plan_every
-        return (plan, ctx) if fresh and held_tokens == tokens and ctx.prune_phase == self.prune_phase else None
+        plan, ctx, held_tokens = self.held_plans[key]
+        return (plan, ctx) if held_tokens == tokens and ctx.prune_phase == self.prune_phase else None
+
+    def hold_plan(self, key: object, plan: MergePlan | None, ctx, tokens: tuple[int, int]) -> None:
+        """Keep a plan just built for ``plan_every``: held for the next ``plan_every - 1`` calls."""
+        self.held_plans[key] = (plan, ctx, tokens)
+        self.plan_ages[key] = 0
 
     def importance_on_grid(self, grid: tuple[int, int], groups: int) -> torch.Tensor | None:
         """Importance ``(groups, N)`` pooled to a block's grid, or None when unknown or for another batch."""

@@ -42,7 +42,7 @@ class PlanContext:
         prune_phase: True during the first steps where the method prunes instead of merging.
         importance: ``(pairs_or_batch, N)`` importance of each token, or None when none is known yet.
         step: denoiser call index within the current pipeline run, for methods whose
-            :attr:`MethodConfig.uses_step` is True (and with ``plan_every``); -1 for the others, whose
+            :attr:`MethodConfig.uses_step` is True; -1 for the others, whose
             compiled graphs must not depend on it.
         block: name of the patched block (a key for per-block caches).
         level: the block's U-Net level (0 = full latent resolution).
