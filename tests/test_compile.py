@@ -15,6 +15,7 @@ import torch
 
 import tokenmerge
 from tokenmerge import ImportanceMerge, ReToM, SiTo, ToFu, ToMe
+from tokenmerge.tiny import tiny_pipeline
 
 from .conftest import run, unet_inputs
 
@@ -157,3 +158,28 @@ def test_bare_denoiser_reads_the_timestep_only_when_plans_depend_on_the_run(sd1_
                 assert state.clock.step == expected_step
     finally:
         tokenmerge.remove(sd1_unet)
+
+
+def test_a_compiled_pipeline_makes_the_eager_images():
+    """As users compile: ``pipe.unet = torch.compile(pipe.unet, fullgraph=True)``, the flagship's defaults (CFG
+    importance, pruning then merging, random destinations), the scheduler telling the steps; two calls."""
+    pipe = tiny_pipeline("sd1")
+    config = ImportanceMerge(ratio=0.5, min_tokens=0)
+
+    def generate(seed):
+        return pipe("a red circle", num_inference_steps=5, height=64, width=64, output_type="latent",
+                    generator=torch.Generator().manual_seed(seed)).images
+
+    with tokenmerge.patched(pipe, config):
+        eager = [generate(0), generate(1)]
+    unet = pipe.unet
+    with tokenmerge.patched(pipe, config):
+        dynamo.reset()
+        pipe.unet = torch.compile(unet, fullgraph=True, backend="aot_eager")
+        try:
+            compiled = [generate(0), generate(1)]
+        finally:
+            pipe.unet = unet
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert not torch.allclose(eager[0], eager[1]), "two seeds, two images"
