@@ -41,7 +41,7 @@ def graphs(unet, config) -> int:
 
 # ImportanceMerge(importance="cfg") has a second frame: the post-hook computing |eps_cond - eps_uncond|.
 @pytest.mark.parametrize("config,frames", [(TRACEABLE[1], 1), (ToMe(), 1), (ImportanceMerge(), 2), (ToFu(), 1),
-                                           (SiTo(), 1), (ReToM(period=1), 1),
+                                           (SiTo(), 1), (ReToM(), 1),
                                            (ImportanceMerge(importance="crossattn"), 1)])
 def test_explain_finds_no_graph_breaks(sd1_unet, config, frames):
     assert graphs(sd1_unet, config) == frames
@@ -69,13 +69,15 @@ STEPS = (999, 800, 600, 400, 200)  # a bare denoiser's run: a larger timestep st
     (ImportanceMerge(ratio=0.5, prune_steps=0.3), 4),
     (ToFu(ratio=0.5), 1),
     (SiTo(ratio=0.5), 1),
-    # plan_every: a step that plans (first with no plan held, then replacing held ones) and one that reuses
+    # plan_every, ReToM's period: a step that plans (first with no plan held, then replacing held ones) and one
+    # that reuses
     (ToMe(ratio=0.5, max_downsample=2, plan_every=2), 3),
+    (ReToM(ratio=0.5, period=2), 3),
 ])
 def test_plans_that_follow_the_run_compile_with_fullgraph_once_per_phase(sd1_unet, config, graphs):
     """The random stream and the step live in the eager denoiser pre-hook, outside the graph: fullgraph=True
     compiles the patched U-Net, a later run recompiles nothing, and it computes what eager does."""
-    assert config.uses_rng and config.uses_clock and not config.uses_step
+    assert config.uses_clock
     args, kwargs = unet_inputs(sd1_unet, 2)
     torch.manual_seed(0)
     with tokenmerge.patched(sd1_unet, config):
@@ -94,20 +96,20 @@ def test_plans_that_follow_the_run_compile_with_fullgraph_once_per_phase(sd1_une
     for a, b, c in zip(got, again, eager):
         torch.testing.assert_close(a, c, atol=1e-5, rtol=0)
         torch.testing.assert_close(b, c, atol=1e-5, rtol=0)
-    assert not torch.allclose(eager[-2], eager[-1], atol=1e-4) or config.ratio == 0, "the plans change per step"
+    assert not torch.allclose(got[-1], run(sd1_unet, args, kwargs, timestep=STEPS[-1]), atol=1e-4), "must merge"
 
 
-@pytest.mark.parametrize("config", [ReToM(ratio=0.5, period=2)])
-def test_plans_built_from_the_step_run_eagerly_and_compile_once(sd1_unet, config):
-    """ReToM's ``period`` reads the step index (traced, it would recompile every step): its plan hooks run
-    eagerly, a graph break per block, and the graphs compiled in the first steps serve every later one."""
-    assert config.uses_step
+def test_plans_reported_to_on_plan_run_eagerly_and_compile_once(sd1_unet):
+    """An ``on_plan`` callback is Python run per plan: the plan hooks run eagerly, a graph break per block, and the
+    graphs compiled in the first steps serve every later one."""
+    config = ToMe(ratio=0.5, max_downsample=2)
     args, kwargs = unet_inputs(sd1_unet, 2)
     torch.manual_seed(0)
     with tokenmerge.patched(sd1_unet, config):
         eager = [run(sd1_unet, args, kwargs, timestep=t) for t in STEPS]
     torch.manual_seed(0)
-    with tokenmerge.patched(sd1_unet, config):
+    events = []
+    with tokenmerge.patched(sd1_unet, config, on_plan=events.append):
         dynamo.reset()
         compiled_graphs = []
         compiled = torch.compile(sd1_unet, backend=counting_backend(compiled_graphs))
@@ -116,6 +118,7 @@ def test_plans_built_from_the_step_run_eagerly_and_compile_once(sd1_unet, config
         assert len(compiled_graphs) > 2, "the U-Net's forward is cut at every patched block"
         with dynamo.config.patch(error_on_recompile=True):
             got += [run(compiled, args, kwargs, timestep=t) for t in STEPS[2:]]
+    assert sorted({event.step for event in events}) == list(range(len(STEPS)))
     for a, b in zip(got, eager):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 

@@ -27,10 +27,9 @@ def randn(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def ctx(h: int, w: int, *, seed: int = 0, level: int = 0, num_levels: int = 4, step: int = 0,
-        cache: dict | None = None, block: str = "block") -> PlanContext:
-    return PlanContext(grid=(h, w), generator=torch.Generator().manual_seed(seed), step=step, block=block,
-                       level=level, num_levels=num_levels, cache={} if cache is None else cache)
+def ctx(h: int, w: int, *, seed: int = 0, level: int = 0, num_levels: int = 4, block: str = "block") -> PlanContext:
+    return PlanContext(grid=(h, w), generator=torch.Generator().manual_seed(seed), block=block, level=level,
+                       num_levels=num_levels)
 
 
 def windows_of(h: int, w: int, size: int) -> list[list[int]]:
@@ -331,39 +330,6 @@ def same_plan(a: MergePlan, b: MergePlan) -> bool:
             and torch.equal(a.merge_weight, b.merge_weight))
 
 
-def test_selection_is_reused_within_a_period_and_recomputed_after():
-    h, w, period = 12, 12, 3
-    config = ReToM(ratio=0.5, window=4, period=period)
-    inputs = [randn(2, h * w, 8, seed=100 + step) for step in range(period + 2)]
-    fresh = [config.make_plan(x, ctx(h, w)) for x in inputs]  # each computed from its own tokens
-    cache: dict = {}
-    plans = [config.make_plan(x, ctx(h, w, step=step, cache=cache)) for step, x in enumerate(inputs)]
-    assert same_plan(plans[0], fresh[0])
-    for step in range(1, period):
-        assert same_plan(plans[step], plans[0]), "steps 1..p-1 reuse the selection of step 0"
-        assert not same_plan(fresh[step], fresh[0]), "the tokens did change"
-    assert same_plan(plans[period], fresh[period]), "step p recomputes"
-    assert same_plan(plans[period + 1], plans[period])
-    assert len(cache) == 1
-
-    # a new run starts with an empty cache: the selection is recomputed at any step
-    assert same_plan(config.make_plan(inputs[1], ctx(h, w, step=1, cache={})), fresh[1])
-    # another block, grid or batch size is a separate entry, computed from its own tokens
-    other = config.make_plan(inputs[1], ctx(h, w, step=1, cache=cache, block="other"))
-    assert same_plan(other, fresh[1])
-    half = inputs[1][:1]
-    assert same_plan(config.make_plan(half, ctx(h, w, step=1, cache=cache)), config.make_plan(half, ctx(h, w)))
-    assert len(cache) == 3
-
-
-def test_period_one_recomputes_every_step():
-    config = ReToM(ratio=0.5, window=2, period=1)
-    cache: dict = {}
-    for step in range(3):
-        x = randn(1, 64, 8, seed=step)
-        assert same_plan(config.make_plan(x, ctx(8, 8, step=step, cache=cache)), config.make_plan(x, ctx(8, 8)))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # on the tiny U-Nets
 # ----------------------------------------------------------------------------------------------------------
@@ -411,21 +377,36 @@ def test_every_transformer_block_is_merged_with_its_level_window(sd1_unet):
         assert event.plan.num_dst == {(16, 16): 64, (8, 8): 16, (4, 4): 1}[event.grid]
 
 
-def test_selection_cached_across_denoiser_calls(sd1_unet):
+@pytest.mark.parametrize("period", [1, 3])
+def test_selection_is_held_for_a_period_of_denoiser_calls(sd1_unet, period):
+    """Sec. III-C: steps 0..p-1 use the selection of step 0, step p computes a new one from its own tokens; a new
+    run starts over. The hooks hold the plan (``hold_steps``), as for ``plan_every``."""
+    config = ReToM(ratio=0.5, period=period, min_tokens=0)
+    assert config.hold_steps == period
     events = []
-    args, kwargs = unet_inputs(sd1_unet, 2)
-    with tokenmerge.patched(sd1_unet, ReToM(ratio=0.5, period=2, min_tokens=0), on_plan=events.append):
-        for t in (900, 800, 700):  # a bare U-Net: one run, steps 0, 1, 2
+    with tokenmerge.patched(sd1_unet, config, on_plan=events.append):
+        for step, t in enumerate((900, 800, 700, 600)):  # a bare U-Net: one run, steps 0-3, new tokens each step
+            args, kwargs = unet_inputs(sd1_unet, 2, seed=step)
             run(sd1_unet, args, kwargs, timestep=t)
-        steps = {}
+        plans = {}
         for event in events:
-            steps.setdefault(event.step, {})[event.block] = event.plan
-        assert all(same_plan(steps[1][block], steps[0][block]) for block in steps[0])
-        assert any(not same_plan(steps[2][block], steps[0][block]) for block in steps[0])
-        # a timestep above the last one starts a new run: the cache is emptied and step 0 recomputes
+            plans.setdefault(event.step, {})[event.block] = event.plan
+        blocks = list(plans[0])
+        for step in range(1, 4):
+            held = step < period
+            assert all((plans[step][b] is plans[0][b]) == held for b in blocks), f"step {step}"
+        if period == 3:
+            assert any(not same_plan(plans[3][b], plans[0][b]) for b in blocks), "step p: from its own tokens"
+        # a timestep above the last one starts a new run: step 0 plans again, from its tokens
         events.clear()
+        args, kwargs = unet_inputs(sd1_unet, 2, seed=0)
         run(sd1_unet, args, kwargs, timestep=900)
-        assert all(same_plan(e.plan, steps[0][e.block]) for e in events)
+        assert all(e.plan is not plans[0][e.block] and same_plan(e.plan, plans[0][e.block]) for e in events)
+
+
+def test_period_and_plan_every_hold_for_the_longer():
+    assert ReToM(period=5, plan_every=2).hold_steps == 5
+    assert ReToM(period=1, plan_every=3).hold_steps == 3
 
 
 def test_random_destinations_follow_the_seed(sd1_unet):

@@ -16,9 +16,9 @@ Under ``torch.compile`` the block hooks are traced with the model. The denoiser'
 counters of the run (step, new run, the random stream's state), runs eagerly (``torch.compiler.disable``): as the
 compiled module's own hook it runs outside its graph, so ``fullgraph=True`` holds and the counters never become
 constants of a graph. The plans read only values that change at most once a run (the pruning phase, whether an
-importance map exists yet; with ``plan_every``, whether the held plans are still fresh), each a recompilation,
-never one per step. Plans built from the step index itself (ReToM's ``period``) or reported to ``on_plan`` run
-eagerly too: a graph break per block.
+importance map exists yet; with ``plan_every`` or ReToM's ``period``, whether the held plans are still fresh),
+each a recompilation, never one per step. Plans reported to an ``on_plan`` callback run eagerly: a graph break
+per block.
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ class BlockPatch:
     def install(self, submodules: list[torch.nn.Module]) -> None:
         block = self.target.block
         handles = self.state.handles
-        make_plan = torch.compiler.disable(self._make_plan) if self.state.plans_read_step else self._make_plan
+        # A Python callback per plan (on_plan, for inspection) is left out of compiled graphs: that hook runs eagerly.
+        make_plan = self._make_plan if self.state.on_plan is None else torch.compiler.disable(self._make_plan)
         handles.append(block.register_forward_pre_hook(make_plan, with_kwargs=True))
         handles.append(block.register_forward_hook(self._drop_plan))
         for module in submodules:
@@ -122,8 +123,8 @@ class BlockPatch:
             self._report(ctx)
             return
         hold_key = key or self.target.name
-        held = state.held_plan(hold_key, (batch, tokens)) if config.plan_every > 1 else None
-        if held is not None:  # plan_every: a plan from an earlier step of this run
+        held = state.held_plan(hold_key, (batch, tokens)) if config.hold_steps > 1 else None
+        if held is not None:  # plan_every (ReToM's period): a plan from an earlier step of this run
             self.plan, ctx = held
             if key is not None:
                 state.shared_plans[key] = held
@@ -137,18 +138,16 @@ class BlockPatch:
             cfg_pairs=state.cfg_pairs,
             prune_phase=state.prune_phase,
             importance=state.importance_on_grid(grid, groups) if state.config.uses_importance else None,
-            step=state.clock.step if state.plans_read_step else -1,  # traced, an int read would recompile per step
             block=self.target.name,
             level=self.target.level,
             num_levels=state.adapter.num_levels,
-            cache=state.cache,
             cond_first=state.adapter.cond_first,
         )
         with torch.no_grad():
             self.plan = config.make_plan(x.detach(), ctx)
         if key is not None:
             state.shared_plans[key] = (self.plan, ctx)
-        if config.plan_every > 1:
+        if config.hold_steps > 1:
             state.hold_plan(hold_key, self.plan, ctx, (batch, tokens))
         self._report(ctx)
 

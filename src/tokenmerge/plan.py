@@ -198,8 +198,8 @@ def cell_destinations(
 ) -> torch.Tensor:
     """One destination per full ``sy x sx`` cell of the grid: ``(batch, cells)`` token indices, raster order.
 
-    With a generator (see :func:`draw`) each cell's destination is drawn uniformly (as tomesd does); without one it is the
-    cell's top-left token. Tokens in the partial cells at the right/bottom edge are never destinations.
+    With a generator (see :func:`draw`) each cell's destination is drawn uniformly (as tomesd does); without one
+    it is the cell's top-left token. Tokens in the partial cells at the right/bottom edge are never destinations.
     """
     cells_y, cells_x = height // sy, width // sx
     device = torch.device(device)

@@ -140,19 +140,16 @@ class PatchState:
         self.cfg_pairs = False
         self.prune_phase = False
         self.importance: torch.Tensor | None = None  # (groups, H, W), from the previous step
-        self.cache: dict = {}  # methods' own cross-step state (PlanContext.cache)
         self.cfg_importance = _is_cfg(getattr(config, "importance", None))  # read from the CFG output
         # Plans that follow the run (step, progress, random numbers restarted per run, plans held across steps; the
         # temporal matching always draws): a bare denoiser's clock reads the timestep to tell a new run.
-        self.follows_run = config.uses_clock or config.plan_every > 1 or config.temporal_ratio > 0
-        # Plans built from the step index itself (or reported to a Python callback): compiled, they run eagerly.
-        self.plans_read_step = config.uses_step or on_plan is not None
+        self.follows_run = config.uses_clock or config.hold_steps > 1 or config.temporal_ratio > 0
         self.draws = config.uses_rng or config.temporal_ratio > 0  # plans draw random numbers (from self.rng)
         self.rng = PrivateRNG(config.seed)
         self.shared_plans: dict = {}  # share key -> (plan, context), for the current denoiser call
-        self.held_plans: dict = {}  # block or share key -> (plan, context, tokens), kept across steps (plan_every)
+        self.held_plans: dict = {}  # block or share key -> (plan, context, tokens), kept across steps (hold_steps)
         self.plan_ages: dict = {}  # the same keys -> denoiser calls since the plan was built
-        self.fresh_plans: frozenset = frozenset()  # keys whose held plan is younger than plan_every, for this call
+        self.fresh_plans: frozenset = frozenset()  # keys whose held plan is younger than hold_steps, for this call
         self.skipped: dict[str, int] = {}  # blocks left unmerged (below the floor) in the last call: name -> tokens
         self.told_floor = False  # a skipped block was logged (once per patch)
         self._pooled: dict[tuple[int, int], torch.Tensor | None] = {}
@@ -163,13 +160,12 @@ class PatchState:
         new_run = self.clock.tick(timestep, self.follows_run)
         if new_run:
             self.importance = None
-            self.cache.clear()
             self.held_plans.clear()
             self.plan_ages.clear()
             self.rng.restart()
-        for key in self.plan_ages:  # plan_every: counted here, eagerly, so a traced plan reads a set, not the step
+        for key in self.plan_ages:  # counted here, eagerly, so a traced plan reads a set, not the step
             self.plan_ages[key] += 1
-        self.fresh_plans = frozenset(key for key, age in self.plan_ages.items() if age < self.config.plan_every)
+        self.fresh_plans = frozenset(key for key, age in self.plan_ages.items() if age < self.config.hold_steps)
         self.latent_hw = tuple(sample.shape[-2:])
         self.cfg_pairs = self._is_cfg_batch(sample, new_run)
         self.prune_phase = self.clock.progress < getattr(self.config, "prune_steps", 0.0)
@@ -202,7 +198,7 @@ class PatchState:
 
     # -- called by the block hooks ---------------------------------------------------------------
     def held_plan(self, key: object, tokens: tuple[int, int]) -> tuple | None:
-        """``(plan, context)`` built for ``key`` fewer than ``config.plan_every`` steps ago, or None.
+        """``(plan, context)`` built for ``key`` fewer than ``config.hold_steps`` steps ago, or None.
 
         Held only while it still fits: the same ``(batch, tokens)`` and the same phase (pruning or merging).
         """
@@ -212,7 +208,7 @@ class PatchState:
         return (plan, ctx) if held_tokens == tokens and ctx.prune_phase == self.prune_phase else None
 
     def hold_plan(self, key: object, plan: MergePlan | None, ctx, tokens: tuple[int, int]) -> None:
-        """Keep a plan just built for ``plan_every``: held for the next ``plan_every - 1`` calls."""
+        """Keep a plan just built: held for the next ``config.hold_steps - 1`` calls."""
         self.held_plans[key] = (plan, ctx, tokens)
         self.plan_ages[key] = 0
 

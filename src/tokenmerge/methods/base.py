@@ -41,13 +41,9 @@ class PlanContext:
         cfg_pairs: True when the batch is ``[uncond; cond]`` and both halves must share one plan.
         prune_phase: True during the first steps where the method prunes instead of merging.
         importance: ``(pairs_or_batch, N)`` importance of each token, or None when none is known yet.
-        step: denoiser call index within the current pipeline run, for methods whose
-            :attr:`MethodConfig.uses_step` is True; -1 for the others, whose
-            compiled graphs must not depend on it.
         block: name of the patched block (a key for per-block caches).
         level: the block's U-Net level (0 = full latent resolution).
         num_levels: how many levels the U-Net has (``level == num_levels - 1`` is the bottleneck).
-        cache: a dict the method may keep things in across steps; emptied at every new pipeline run.
         cond_first: True when a CFG batch is ``[cond; uncond]`` (DiT's pipeline) instead of ``[uncond; cond]``.
     """
 
@@ -56,11 +52,9 @@ class PlanContext:
     cfg_pairs: bool = False
     prune_phase: bool = False
     importance: torch.Tensor | None = None
-    step: int = 0
     block: str = ""
     level: int = 0
     num_levels: int = 1
-    cache: dict = field(default_factory=dict)
     cond_first: bool = False
 
     def conditional(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,10 +127,9 @@ class MethodConfig:
         return True
 
     @property
-    def uses_step(self) -> bool:
-        """Whether plans read ``PlanContext.step`` itself. Compiled, such a plan runs eagerly (a graph break
-        per block), as a traced step index would recompile the graph at every step."""
-        return False
+    def hold_steps(self) -> int:
+        """Denoiser calls a plan is used for before it is rebuilt: ``plan_every`` (ReToM: its ``period`` too)."""
+        return self.plan_every
 
     def share_key(self, block: str, level: int) -> tuple | None:
         """Key under which blocks share one plan per denoiser call, or None to plan per block.

@@ -11,11 +11,11 @@ U-Net level (Sec. III-A). In every window ``W`` of ``N_W`` tokens:
 4. ``D``'s slot computes on ``alpha * D + (1 - alpha) * mean(S)`` (Eq. 2); every source receives its result.
 
 Similarities never leave a window: each window size is one batched ``(B, windows, N_W, N_W)`` matmul,
-never an ``N x N`` matrix. The selection (representatives, sources) is recomputed every ``period``
-denoiser calls and reused in between (Sec. III-C, "similarity computation caching"); the plan of a cached
-step is only rebuilt from the cached indices. The selection is per batch element, as ToMeSD's matching
-(no CFG pair sharing: the paper mentions none); only ``destination="random"`` draws one token per window
-for the whole batch, as ToMeSD draws its cells.
+never an ``N x N`` matrix. The selection (representatives, sources), i.e. the plan, is computed every
+``period`` denoiser calls and reused in between (Sec. III-C, "similarity computation caching"): the hooks hold
+it, as they hold any method's plans for ``plan_every`` (:attr:`ReToM.hold_steps`). The selection is per batch
+element, as ToMeSD's matching (no CFG pair sharing: the paper mentions none); only ``destination="random"``
+draws one token per window for the whole batch, as ToMeSD draws its cells.
 
 Values the paper does not give, chosen here (all are config fields):
 
@@ -71,8 +71,8 @@ class ReToM(MethodConfig):
             ``window_sizes`` and ``bottleneck_window``.
         alpha: weight of the destination in its slot, ``alpha * D + (1 - alpha) * mean(S)`` (Eq. 2), in
             ``[0, 1]``; None (default) is the plain mean of ``D`` and its sources (``alpha = 1/(r+1)``).
-        period: ``p``: the window selection is recomputed at the denoiser calls ``step % period == 0`` and
-            reused in between (Sec. III-C); 1 recomputes at every call.
+        period: ``p``: the window selection is computed at every ``p``-th denoiser call of a run and reused in
+            between (Sec. III-C); 1 recomputes at every call. With ``plan_every`` too, the longer of the two holds.
         destination: ``"representative"`` (highest mean in-window similarity, the paper),
             ``"random"`` (one token per window drawn from the private generator, shared by the batch rows:
             Table I's "Adaptive / Random" row) or ``"least"`` (lowest mean similarity: Table II).
@@ -141,8 +141,8 @@ class ReToM(MethodConfig):
         return self.destination == "random"
 
     @property
-    def uses_step(self) -> bool:
-        return self.period > 1  # the selection is recomputed at the steps step % period == 0
+    def hold_steps(self) -> int:
+        return max(self.period, self.plan_every)
 
     def window_size(self, level: int, num_levels: int) -> int:
         """The window side used at U-Net ``level`` of a U-Net with ``num_levels`` levels."""
@@ -163,12 +163,7 @@ class ReToM(MethodConfig):
         shapes = window_shapes(height, width, size)
         if all(self.tokens_merged(span_y * span_x) == 0 for _, span_y, _, span_x in shapes):
             return None
-        key = ("retom", ctx.block, (height, width), batch)
-        cached = ctx.cache.get(key)
-        if cached is None or ctx.step % self.period == 0:
-            cached = self._select(x, window_groups(height, width, size, x.device), ctx)
-            ctx.cache[key] = cached
-        kept, assign, num_dst, weight = cached
+        kept, assign, num_dst, weight = self._select(x, window_groups(height, width, size, x.device), ctx)
         return MergePlan(kept=kept, assign=assign, num_dst=num_dst, merge_weight=weight)
 
     def _select(self, x: torch.Tensor, groups: list[torch.Tensor], ctx: PlanContext):

@@ -48,8 +48,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..plan import (MergePlan, cell_destinations, complement, draw, gather_tokens, nearest_destination, plan_from_matching,
-                    token_in_cell)
+from ..plan import (MergePlan, cell_destinations, complement, draw, gather_tokens, nearest_destination,
+                    plan_from_matching, token_in_cell)
 from .base import MethodConfig, PlanContext
 
 #: The base-token strategies of the paper's Table 3, by name, with their roman numeral.
