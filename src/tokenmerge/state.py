@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .methods.base import MethodConfig
+from .methods.base import MethodConfig, PlanContext
 from .plan import MergePlan
 
 
@@ -207,7 +207,7 @@ class PatchState:
         plan, ctx, held_tokens = self.held_plans[key]
         return (plan, ctx) if held_tokens == tokens and ctx.prune_phase == self.prune_phase else None
 
-    def hold_plan(self, key: object, plan: MergePlan | None, ctx, tokens: tuple[int, int]) -> None:
+    def hold_plan(self, key: object, plan: MergePlan | None, ctx: PlanContext, tokens: tuple[int, int]) -> None:
         """Keep a plan just built: held for the next ``config.hold_steps - 1`` calls."""
         self.held_plans[key] = (plan, ctx, tokens)
         self.plan_ages[key] = 0
