@@ -47,12 +47,12 @@ def test_explain_finds_no_graph_breaks(sd1_unet, config, frames):
     assert graphs(sd1_unet, config) == frames
 
 
-def counting_backend(graphs: list):
+def counting_backend(compiled: list):
     """``aot_eager`` (eager kernels, so random draws match eager's), recording every graph compiled."""
     aot_eager = dynamo.lookup_backend("aot_eager")
 
     def backend(gm, example_inputs):
-        graphs.append(gm)
+        compiled.append(gm)
         return aot_eager(gm, example_inputs)
 
     return backend
