@@ -52,3 +52,19 @@ def check_merges_and_restores(model: torch.nn.Module, call: Callable, config, ti
     assert all(torch.isfinite(m).all() and not torch.allclose(m, unpatched, atol=1e-5) for m in merged)
     assert torch.equal(call(model), unpatched) and no_hooks_left(model)
     return merged
+
+
+def check_compiles_whole(model: torch.nn.Module, call: Callable, config, timesteps=(950, 700, 400)) -> None:
+    """``torch.compile(model, fullgraph=True)`` (``aot_eager``: eager kernels, the same random draws) runs a patched
+    run of ``call(model, t=t)`` without a graph break and gives the eager outputs."""
+    torch.manual_seed(0)
+    with tokenmerge.patched(model, config):
+        eager = [call(model, t=t) for t in timesteps]
+    torch.manual_seed(0)
+    with tokenmerge.patched(model, config):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        got = [call(compiled, t=t) for t in timesteps]
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert not torch.allclose(eager[0], call(model, t=timesteps[0]), atol=1e-4), "must merge"

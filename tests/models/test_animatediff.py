@@ -9,7 +9,7 @@ import tokenmerge
 from tokenmerge import ImportanceMerge, ToMe
 from tokenmerge.tiny import tiny_motion_unet
 
-from .helpers import (EVERY_METHOD, METHOD_IDS, CountingProcessor, check_merges_and_restores,
+from .helpers import (EVERY_METHOD, METHOD_IDS, CountingProcessor, check_compiles_whole, check_merges_and_restores,
                       check_ratio_zero_is_identical)
 
 FRAMES = 4
@@ -38,6 +38,12 @@ def test_ratio_zero_is_bit_identical(motion_unet, config):
 def test_every_method_runs_and_remove_restores_bit_identical_outputs(motion_unet, config):
     merged = check_merges_and_restores(motion_unet, call, config)
     assert all(m.shape == (2, 4, FRAMES, 16, 16) for m in merged)
+
+
+@pytest.mark.parametrize("config", [ToMe(ratio=0.5, temporal_ratio=0.5), ImportanceMerge(ratio=0.5)],
+                         ids=["tome-temporal", "importance"])
+def test_compiles_whole(motion_unet, config):
+    check_compiles_whole(motion_unet, call, config)
 
 
 def test_preset_and_temporal_merging_off_by_default(motion_unet):

@@ -12,7 +12,7 @@ from tokenmerge import ImportanceMerge, ToMe
 from tokenmerge.models.transformer import block_range
 from tokenmerge.tiny import tiny_dit, tiny_pixart, tiny_unet
 
-from .helpers import (EVERY_METHOD, METHOD_IDS, CountingProcessor, check_merges_and_restores,
+from .helpers import (EVERY_METHOD, METHOD_IDS, CountingProcessor, check_compiles_whole, check_merges_and_restores,
                       check_ratio_zero_is_identical)
 
 GEN = torch.Generator()
@@ -54,6 +54,12 @@ def test_ratio_zero_is_bit_identical(family, config):
 def test_every_method_runs_and_remove_restores_bit_identical_outputs(family, config):
     _, model, call = family
     check_merges_and_restores(model, call, config, timesteps=(950, 700, 400))
+
+
+@pytest.mark.parametrize("config", [ToMe(ratio=0.5), ImportanceMerge(ratio=0.5)], ids=["tome", "importance"])
+def test_compiles_whole(family, config):
+    _, model, call = family
+    check_compiles_whole(model, call, config)
 
 
 def test_pixart_preset_merges_self_and_cross_attention_of_the_middle_half():

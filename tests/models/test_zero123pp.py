@@ -9,7 +9,8 @@ import tokenmerge
 from tokenmerge import ImportanceMerge, ToMe
 from tokenmerge.tiny import ReferenceAttnProcessor, tiny_zero123pp
 
-from .helpers import EVERY_METHOD, METHOD_IDS, check_merges_and_restores, check_ratio_zero_is_identical
+from .helpers import (EVERY_METHOD, METHOD_IDS, check_compiles_whole, check_merges_and_restores,
+                      check_ratio_zero_is_identical)
 
 VIEW = 8  # latent side of one view (320 px / 8 = 40 in the real model)
 TILED = (3 * VIEW, 2 * VIEW)  # six views, 3 rows x 2 columns
@@ -50,6 +51,11 @@ class Recording(ReferenceAttnProcessor):
         keys = hidden_states.shape[1] + (stored.shape[1] if mode == "r" else 0)
         self.calls.append((mode, hidden_states.shape[1], keys))
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, mode, ref_dict)
+
+
+@pytest.mark.parametrize("config", [ToMe(ratio=0.5), ImportanceMerge(ratio=0.5)], ids=["tome", "importance"])
+def test_compiles_whole(model, config):
+    check_compiles_whole(model, call, config)
 
 
 def test_views_are_merged_and_attend_to_the_whole_reference():
