@@ -45,3 +45,9 @@ def test_the_global_rng_is_given_back_when_the_call_raises(sd1_unet):
         assert sd1_unet._tokenmerge.rng._lent is None
         run(sd1_unet, args, kwargs)  # and the next call works
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_device_without_a_random_state_is_refused_with_a_fix():
+    """Draws on such a device could not be kept apart from the user's: the error names a config that draws nothing."""
+    with pytest.raises(ValueError, match=r"'hpu'.*use_rand=False"):
+        PrivateRNG(None).load(torch.device("hpu"))

@@ -78,7 +78,14 @@ class RunClock:
 def _rng_state(device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         return torch.get_rng_state()
-    return getattr(torch, device.type).get_rng_state(device)  # torch.cuda, torch.xpu, torch.mps
+    module = getattr(torch, device.type, None)  # torch.cuda, torch.xpu, torch.mps
+    if not hasattr(module, "get_rng_state"):
+        raise ValueError(
+            f"tokenmerge: this config's plans draw random numbers, but torch has no random state for {device.type!r} "
+            f"tensors (no torch.{device.type}.get_rng_state) to keep the patch's draws apart from yours; use a config "
+            "that draws nothing, e.g. ToMe(use_rand=False), ImportanceMerge(dst_selection='topk', prune_steps=0) "
+            "with an importance map, or ReToM()")
+    return module.get_rng_state(device)
 
 
 def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:

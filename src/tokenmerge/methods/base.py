@@ -41,7 +41,7 @@ class PlanContext:
         cfg_pairs: True when the batch is ``[uncond; cond]`` and both halves must share one plan.
         prune_phase: True during the first steps where the method prunes instead of merging.
         importance: ``(pairs_or_batch, N)`` importance of each token, or None when none is known yet.
-        block: name of the patched block (a key for per-block caches).
+        block: name of the patched block (ToFu tells its prune or merge role from it).
         level: the block's U-Net level (0 = full latent resolution).
         num_levels: how many levels the U-Net has (``level == num_levels - 1`` is the bottleneck).
         cond_first: True when a CFG batch is ``[cond; uncond]`` (DiT's pipeline) instead of ``[uncond; cond]``.
