@@ -5,9 +5,11 @@
     denoiser   pre:  state.begin_call   (step, new run, latent size, CFG batch, user importance)
                post: state.end_call     (CFG importance |eps_cond - eps_uncond| for the next step)
     block      pre:  build the MergePlan from the block input
-    attn1/attn2/ff
-               pre:  x -> plan.merge(x)
+    attn2/ff   pre:  x -> plan.merge(x)
                post: y -> plan.unmerge(y)
+    attn1      pre:  x -> plan.merge(x) as queries and keys (or as keys and values only, merge_queries=False),
+                     the size bias as attention_mask (or via to_q/to_k/to_v: bias_via="channel"); attention.py
+               post: y -> plan.unmerge(y) (nothing to unmerge with merge_queries=False)
 
 No diffusers ``forward`` is copied: the submodules are called exactly as diffusers calls them, on
 fewer tokens, so any attention processor (SDPA, custom, LoRA) keeps working.
@@ -29,6 +31,7 @@ from collections.abc import Iterator
 
 import torch
 
+from . import attention
 from .methods.base import PlanContext
 from .models.unet import PatchTarget
 from .plan import DEVICE_RNG, MergePlan
@@ -60,6 +63,11 @@ def _replace_first(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tupl
     return args, {**kwargs, "hidden_states": value}
 
 
+def is_self_attention(module: torch.nn.Module) -> bool:
+    """A diffusers ``Attention`` over its own tokens (``attn1``; both attentions of a motion module)."""
+    return hasattr(module, "processor") and not getattr(module, "is_cross_attention", True)
+
+
 def install_denoiser_hooks(state: PatchState, denoiser: torch.nn.Module) -> None:
     @torch.compiler.disable
     def before(module, args, kwargs):
@@ -85,17 +93,47 @@ class BlockPatch:
         self.state = state
         self.target = target
         self.plan: MergePlan | None = None
+        self.channel_bias: attention.ChannelBias | None = None  # bias_via="channel", during a merged attention call
+        self.queries_kept = False  # merge_queries=False, during a merged attention call
 
     def install(self, submodules: list[torch.nn.Module]) -> None:
         block = self.target.block
         handles = self.state.handles
+        config = self.state.config
         # A Python callback per plan (on_plan, for inspection) is left out of compiled graphs: that hook runs eagerly.
         make_plan = self._make_plan if self.state.on_plan is None else torch.compiler.disable(self._make_plan)
         handles.append(block.register_forward_pre_hook(make_plan, with_kwargs=True))
         handles.append(block.register_forward_hook(self._drop_plan))
         for module in submodules:
-            handles.append(module.register_forward_pre_hook(self._merge, with_kwargs=True))
-            handles.append(module.register_forward_hook(self._unmerge))
+            if not is_self_attention(module):
+                handles.append(module.register_forward_pre_hook(self._merge, with_kwargs=True))
+                handles.append(module.register_forward_hook(self._unmerge))
+                continue
+            handles.append(module.register_forward_pre_hook(self._merge_self_attention, with_kwargs=True))
+            handles.append(module.register_forward_hook(self._unmerge_self_attention))
+            if config.proportional_attention and config.bias_via == "channel":
+                self._install_bias_channel(module)
+
+    def _install_bias_channel(self, attn: torch.nn.Module) -> None:
+        """``bias_via="channel"``: the projections of ``attn`` carry the size bias while a merged call runs."""
+        handles = self.state.handles
+        head_dim = attn.to_out[0].in_features // attn.heads
+
+        def padding(pad):
+            def hook(module, args, output):
+                return None if self.channel_bias is None else pad(output)
+            return hook
+
+        handles.append(attn.to_q.register_forward_hook(padding(lambda q: attention.pad_query(attn, q, self.channel_bias))))
+        handles.append(attn.to_k.register_forward_hook(padding(lambda k: attention.pad_key(attn, k, self.channel_bias))))
+        handles.append(attn.to_v.register_forward_hook(padding(lambda v: attention.pad_value(attn, v))))
+
+        def unpad(module, args):
+            if self.channel_bias is not None:
+                return (attention.unpad_output(attn, args[0], head_dim), *args[1:])
+            return None
+
+        handles.append(attn.to_out[0].register_forward_pre_hook(unpad))
 
     def _make_plan(self, module, args, kwargs):
         state = self.state
@@ -159,6 +197,23 @@ class BlockPatch:
 
     def _drop_plan(self, module, args, output):
         self.plan = None
+
+    def _merge_self_attention(self, module, args, kwargs):
+        self.channel_bias = None
+        self.queries_kept = False
+        if self.plan is None or kwargs.get("encoder_hidden_states") is not None:
+            return self._merge(module, args, kwargs)
+        args, kwargs, self.channel_bias = attention.self_attention_arguments(
+            module, args, kwargs, self.plan, self.state.config)
+        self.queries_kept = not self.state.config.merge_queries
+        return args, kwargs
+
+    def _unmerge_self_attention(self, module, args, output):
+        self.channel_bias = None
+        if self.queries_kept:  # K/V-only: the output already has every query token
+            self.queries_kept = False
+            return None
+        return self._unmerge(module, args, output)
 
     def _merge(self, module, args, kwargs):
         if self.plan is not None:

@@ -142,6 +142,48 @@ class MergePlan:
         b, m, c = y.shape
         return y.reshape(b * m, c).index_select(0, self._flat_assign).view(b, self.num_tokens, c)
 
+    def sizes(self, count_pruned: bool = True) -> torch.Tensor:
+        """``(B, M)`` float32: how many tokens each kept slot stands for.
+
+        A merging plan: the slot's members. A pruning plan: the kept token and the pruned tokens that copy its
+        output (``count_pruned=True``), or 1 (``count_pruned=False``: the pruned tokens are gone).
+        """
+        key = ("sizes", count_pruned)
+        if key not in self._cast:
+            batch, n = self.assign.shape
+            device = self.assign.device
+            one = shape_constant(("one", device), lambda: torch.ones((), device=device, dtype=torch.float32))
+            if self.prune and not count_pruned:
+                sizes = one.expand(batch, self.num_kept)
+            else:
+                sizes = torch.zeros(batch, self.num_kept, device=device, dtype=torch.float32)
+                sizes.scatter_add_(1, self.assign, one.expand(batch, n))
+            self._cast[key] = sizes
+        return self._cast[key]
+
+    def log_sizes(self, dtype: torch.dtype, count_pruned: bool = True) -> torch.Tensor:
+        """``(B, M)`` ``log(sizes)`` in ``dtype``: the size-aware key bias, built once per plan and dtype."""
+        key = ("log sizes", dtype, count_pruned)
+        if key not in self._cast:
+            self._cast[key] = self.sizes(count_pruned).log().to(dtype)
+        return self._cast[key]
+
+    def merge_logits(self, logits: torch.Tensor, count_pruned: bool = True) -> torch.Tensor:
+        """``(B, N) -> (B, M)``: ``log(sum(exp(logits)))`` over each slot's members (see :meth:`sizes`).
+
+        A per-key additive attention bias over the ``N`` tokens becomes the bias of the ``M`` slots that gives
+        a slot of identical members the weight its members had (all zeros give ``log(sizes)``).
+        """
+        self._check(logits[..., None], self.num_tokens)
+        if self.prune and not count_pruned:
+            return logits.gather(1, self.kept)
+        b, n = logits.shape
+        peak = logits.amax(dim=1, keepdim=True)
+        peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))  # a row masked out entirely
+        exp = (logits - peak).exp().reshape(-1)
+        sums = exp.new_zeros(b * self.num_kept).index_add_(0, self._flat_assign, exp)
+        return sums.view(b, self.num_kept).log() + peak
+
     def roles(self) -> torch.Tensor:
         """``(B, N)`` int8 map: MERGED (0), DESTINATION (1) or INDEPENDENT (2) per token."""
         roles = torch.full(self.assign.shape, MERGED, dtype=torch.int8, device=self.assign.device)

@@ -11,6 +11,7 @@ import torch
 from ..plan import MergePlan
 
 SHARE_PLAN = ("block", "level")
+BIAS_VIA = ("mask", "channel")
 # The automatic floor (``min_tokens=None``, the default): blocks below it are computed unmerged, where merging
 # their self-attention was measured not to pay (benchmarks/merge_floor.py; docs/benchmarks.md).
 #: CPU (and any device but CUDA): fewest tokens. Below 64 tokens merging was slower than not merging at some ratio
@@ -99,6 +100,23 @@ class MethodConfig:
             ``plan_every``-th denoiser step of a run and reuse it for the steps in between; 1 (default, the
             papers'): a new plan at every step. A plan is rebuilt early when the block's batch or token count or
             the phase (pruning or merging) changes. Outputs change: docs/quality.md measures by how much.
+        proportional_attention: size-aware keys in every merged self-attention (ToMe for ViTs' "proportional
+            attention", Bolya et al. 2023): ``log(members)`` of each kept slot is added to that key's logits, so a
+            slot standing for ``k`` tokens weighs as much in every softmax as its ``k`` tokens did. False (default):
+            a merged slot is one key, as in ToMeSD and the importance paper. A user's own attention mask is
+            merged with the keys (log-sum-exp over each slot's members), never replaced.
+        merge_queries: True (default): self-attention runs on the merged tokens and its output is unmerged.
+            False (K/V-only; ToDo's idea): queries stay at full length and only the keys and values are merged,
+            so nothing is unmerged; cross-attention and the MLP (``merge_crossattn``, ``merge_mlp``) still merge
+            their tokens.
+        count_pruned: for pruning plans (ImportanceMerge's first steps, SiTo, ToFu's pruning blocks) with
+            ``proportional_attention``: True (default) a kept token's key counts the pruned tokens that copy its
+            output; False it counts itself only (pruned tokens are gone from the keys).
+        bias_via: how the size bias reaches the attention kernel. ``"mask"`` (default): an additive
+            ``attention_mask`` handed to the attention processor. ``"channel"``: one extra channel per head on
+            queries and keys carries ``log(members)`` (head dim padded to a multiple of 8, the scale kept), so
+            no float mask is passed and fused (flash) kernels stay usable on a GPU; equal to ``"mask"`` to float
+            rounding.
 
     Fields left out of the constructor take the model family's preset when applied (``tokenmerge.presets``);
     fields passed explicitly are never overridden.
@@ -107,6 +125,10 @@ class MethodConfig:
     layers: tuple[float, float] | None = field(default=None, kw_only=True)
     temporal_ratio: float = field(default=0.0, kw_only=True)
     plan_every: int = field(default=1, kw_only=True)
+    proportional_attention: bool = field(default=False, kw_only=True)
+    merge_queries: bool = field(default=True, kw_only=True)
+    count_pruned: bool = field(default=True, kw_only=True)
+    bias_via: str = field(default="mask", kw_only=True)
 
     #: Whether the method needs the per-token importance signal (so the denoiser hook computes it).
     uses_importance = False
@@ -176,7 +198,8 @@ class MethodConfig:
 
     def __repr__(self) -> str:
         # The method's own fields first; the shared keyword-only ones only where they are not the default.
-        parts = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr and (
+        fields = sorted(dataclasses.fields(self), key=lambda f: f.kw_only)
+        parts = [f"{f.name}={getattr(self, f.name)!r}" for f in fields if f.repr and (
             not f.kw_only or getattr(self, f.name) != f.default)]
         return f"{type(self).__name__}({', '.join(parts)})"
 
@@ -218,6 +241,26 @@ class MethodConfig:
             raise ValueError(
                 f"{type(self).__name__}.min_tokens must be None (the automatic floor for the device) or an int "
                 f">= 0 (blocks with fewer tokens are not merged; 0 merges every block), got {min_tokens!r}"
+            )
+        for name in ("proportional_attention", "merge_queries", "count_pruned"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{type(self).__name__}.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.bias_via not in BIAS_VIA:
+            raise ValueError(
+                f"{type(self).__name__}.bias_via must be one of {BIAS_VIA} (an additive attention mask, or an "
+                f"extra query/key channel that keeps fused kernels), got {self.bias_via!r}"
+            )
+        if not self.proportional_attention and (self.bias_via != "mask" or not self.count_pruned):
+            field_name = "bias_via" if self.bias_via != "mask" else "count_pruned"
+            raise ValueError(
+                f"{type(self).__name__}.{field_name}={getattr(self, field_name)!r} shapes the size bias of "
+                "proportional_attention, which is off, so it would do nothing; set proportional_attention=True "
+                "or leave it at its default"
+            )
+        if not self.merge_queries and not self.merge_attn:
+            raise ValueError(
+                f"{type(self).__name__}: merge_queries=False merges the keys and values of self-attention, but "
+                "merge_attn=False leaves self-attention alone; set merge_attn=True or leave merge_queries=True"
             )
         if not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
             raise ValueError(
