@@ -73,6 +73,10 @@ STEPS = (999, 800, 600, 400, 200)  # a bare denoiser's run: a larger timestep st
     # that reuses
     (ToMe(ratio=0.5, max_downsample=2, plan_every=2), 3),
     (ReToM(ratio=0.5, period=2), 3),
+    # size-aware keys (as a mask, and as the bias channel through the projection hooks) and K/V-only merging
+    (ToMe(ratio=0.5, max_downsample=2, proportional_attention=True, merge_queries=False), 1),
+    (ImportanceMerge(ratio=0.5, prune_steps=0.3, proportional_attention=True, bias_via="channel"), 4),
+    (SiTo(ratio=0.5, proportional_attention=True, merge_queries=False), 1),
 ])
 def test_plans_that_follow_the_run_compile_with_fullgraph_once_per_phase(sd1_unet, config, graphs):
     """The random stream and the step live in the eager denoiser pre-hook, outside the graph: fullgraph=True
@@ -126,6 +130,7 @@ def test_plans_reported_to_on_plan_run_eagerly_and_compile_once(sd1_unet):
 @pytest.mark.skipif(not os.environ.get("TOKENMERGE_SLOW_TESTS"), reason="inductor compiles for minutes on CPU; "
                     "set TOKENMERGE_SLOW_TESTS=1")
 @pytest.mark.parametrize("config", [TRACEABLE[0], ToFu(ratio=0.5, use_rand=False), SiTo(ratio=0.5, base="V"),
+                                    ToMe(ratio=0.5, use_rand=False, proportional_attention=True, merge_queries=False),
                                     ToMe(ratio=0.5, max_downsample=2)])
 def test_inductor_matches_eager(sd1_unet, config):
     """Random cells too, with inductor drawing through the eager kernels (``fallback_random``): the same stream."""

@@ -93,6 +93,10 @@ CONFIGS = {
     "retom": ReToM(ratio=0.5),
     "sito": SiTo(ratio=0.5),
     "tofu": ToFu(ratio=0.5),
+    "importance-size-aware-kv-only": ImportanceMerge(ratio=0.7, prune_steps=0.3, proportional_attention=True,
+                                                     merge_queries=False),
+    "sito-size-aware-channel": SiTo(ratio=0.5, proportional_attention=True, bias_via="channel"),
+    "retom-size-aware": ReToM(ratio=0.5, proportional_attention=True),
 }
 
 

@@ -39,7 +39,7 @@ from torch import nn
 from .api import patched
 from .cli import DTYPES, METHODS, UNPATCHED, load_pipeline, number_list, positive_int, resolve_device, synchronize
 from .methods.base import MethodConfig
-from .testbed.data import ATTRIBUTES, SPLIT_SEEDS, Scene, all_scenes, render, sample_scenes
+from .testbed.data import ATTRIBUTES, SPLIT_SEEDS, Scene, all_scenes, object_mask, render, sample_scenes
 
 KNOWN_METHODS = tuple(name for name in METHODS if name != UNPATCHED)
 DEFAULT_METHODS = ",".join(KNOWN_METHODS)
@@ -49,7 +49,8 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"  # what torchvision (hence torchmetrics' LPIPS) loads for AlexNet
 GRID_CELL = 96  # grid images are scaled up by a whole factor to about this many pixels (testbed images are 32)
 RESULT_FILES = ("results.json", "results.csv", "results.md", "quality_vs_speedup.png", "grid.png")
-ROW_FIELDS = ("method", "ratio", "seconds_per_image", "speedup", "psnr", "ssim", "lpips", "accuracy",
+ROW_FIELDS = ("method", "ratio", "seconds_per_image", "speedup", "psnr", "psnr_object", "psnr_background", "ssim",
+              "lpips", "accuracy",
               *(f"accuracy_{name}" for name in ATTRIBUTES), "fd", "clip_score", "fid", "n")
 
 
@@ -65,6 +66,8 @@ class Variant:
 
     method: str
     config: MethodConfig | None = None
+    #: Added to the noise seed: the noise-floor row is the unpatched model from other noise.
+    noise_offset: int = 0
 
     @property
     def ratio(self) -> float | None:
@@ -72,7 +75,9 @@ class Variant:
 
     @property
     def label(self) -> str:
-        return "unpatched" if self.config is None else f"{self.method} {self.config.ratio:g}"
+        if self.config is None:
+            return "unpatched" if self.noise_offset == 0 else self.method
+        return f"{self.method} {self.config.ratio:g}"
 
     @property
     def folder(self) -> str:
@@ -81,6 +86,9 @@ class Variant:
 
 
 REFERENCE = Variant(UNPATCHED)
+#: The unpatched model again, from other noise (``noise_floor=True``): the accuracy and FD differences that are
+#: sampling noise, and the PSNR of an unrelated sample of the same caption.
+NOISE_FLOOR = Variant("unpatched, other noise", noise_offset=1_000_003)
 
 
 def method_name(config: MethodConfig) -> str:
@@ -417,6 +425,8 @@ class Scores:
         if lpips:
             self.metrics["lpips"] = MeanMetric()
         if judged:
+            self.metrics["psnr_object"] = MeanMetric()
+            self.metrics["psnr_background"] = MeanMetric()
             self.metrics["accuracy"] = MeanMetric()
             self.metrics.update({f"accuracy_{name}": MeanMetric() for name in ATTRIBUTES})
             self.metrics["fd"] = FrechetInceptionDistance(feature=fd_features, normalize=True,
@@ -538,7 +548,8 @@ def evaluate(
     out: str | Path | None = None, device: str = "auto", dtype: str = "float32",
     clip_model: str | Path | None = None, fid_reference: str | Path | None = None,
     inception_weights: str | Path | None = None, image_root: str | Path | None = None,
-    save_images: bool = False, grid_prompts: int = 6, progress: bool = True, log: Callable[[str], None] = print,
+    save_images: bool = False, grid_prompts: int = 6, progress: bool = True, noise_floor: bool = False,
+    log: Callable[[str], None] = print,
 ) -> EvalResult:
     """Evaluate token-merging methods against the unpatched model; write the result files to ``out``.
 
@@ -547,12 +558,13 @@ def evaluate(
     :class:`PromptSet`; None takes ``count`` captions of the testbed ``split``. ``guidance`` None keeps the
     pipeline's default scale. Inputs are checked before any model loads; a bad one raises :class:`EvalError`.
     Runs on one process as is, or sharded under ``accelerate launch`` (every process returns the same rows).
+    ``noise_floor``: add a row of the unpatched model from other noise (:data:`NOISE_FLOOR`).
     """
     from accelerate import PartialState
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    variants = [REFERENCE, *parse_methods(methods, ratios)]
+    variants = [REFERENCE, *([NOISE_FLOOR] if noise_floor else []), *parse_methods(methods, ratios)]
     if isinstance(prompts, PromptSet):
         prompt_set = prompts
     elif isinstance(prompts, (str, Path)) or prompts is None:
@@ -674,7 +686,8 @@ def evaluate(
                     with _patched(pipe, variant, noise_seed):
                         synchronize(run_device)
                         start = time.perf_counter()
-                        outputs[variant.label] = _generate(pipe, batch_prompts, steps, noise_seed, run_device, options)
+                        outputs[variant.label] = _generate(pipe, batch_prompts, steps, noise_seed + variant.noise_offset,
+                                                           run_device, options)
                         synchronize(run_device)
                         seconds = time.perf_counter() - start
                     scores[variant.label].metrics["seconds"].update(seconds)
@@ -747,6 +760,8 @@ def _score_batch(outputs: dict[str, torch.Tensor], scores: dict[str, Scores], ba
             metrics["lpips"].update(lpips_metric(images, reference), weight=len(images))
             lpips_metric.reset()
         if judge is not None:
+            for name, psnr in region_psnr(images, reference, scenes).items():
+                metrics[name].update(psnr)
             correct = judge_correct(judge, images, scenes).float()
             metrics["accuracy"].update(correct.all(dim=1).float())
             for column, name in enumerate(ATTRIBUTES):
@@ -757,6 +772,23 @@ def _score_batch(outputs: dict[str, torch.Tensor], scores: dict[str, Scores], ba
             clip_metric.reset()
         if "fid" in metrics:
             metrics["fid"].update(to_uint8(images), real=False)
+
+
+def region_psnr(images: torch.Tensor, reference: torch.Tensor, scenes: Sequence[Scene]) -> dict[str, torch.Tensor]:
+    """Per-image PSNR (dB, data range 1) inside each scene's object region and over its background.
+
+    The regions are :func:`tokenmerge.testbed.data.object_mask`'s: where the prompt's object is, and the rest.
+    Tests the importance paper's claim directly: merging guided by importance keeps detail where the prompt
+    matters.
+    """
+    size = images.shape[-1]
+    inside = torch.from_numpy(np.stack([object_mask(scene, size) for scene in scenes])).to(images.device)
+    error = (images.float() - reference.float()).square().mean(dim=1)  # (B, H, W), channel mean
+    result = {}
+    for name, region in (("psnr_object", inside), ("psnr_background", ~inside)):
+        mse = (error * region).sum(dim=(1, 2)) / region.sum(dim=(1, 2)).clamp_min(1)
+        result[name] = -10.0 * torch.log10(mse)  # inf where identical, as peak_signal_noise_ratio
+    return result
 
 
 def _rows(variants: list[Variant], computed: dict[str, dict[str, float | None]]) -> list[dict[str, Any]]:
@@ -813,7 +845,8 @@ def _csv_value(value: Any) -> Any:
 
 COLUMNS = {  # row key -> (markdown header, format)
     "method": ("method", "{}"), "ratio": ("ratio", "{:g}"), "seconds_per_image": ("s / image", "{:.4g}"),
-    "speedup": ("speed-up", "{:.2f}x"), "psnr": ("PSNR dB", "{:.2f}"), "ssim": ("SSIM", "{:.4f}"),
+    "speedup": ("speed-up", "{:.2f}x"), "psnr": ("PSNR dB", "{:.2f}"), "psnr_object": ("PSNR object", "{:.2f}"),
+    "psnr_background": ("PSNR background", "{:.2f}"), "ssim": ("SSIM", "{:.4f}"),
     "lpips": ("LPIPS", "{:.4f}"), "accuracy": ("accuracy", "{:.3f}"),
     **{f"accuracy_{name}": (name, "{:.3f}") for name in ATTRIBUTES},
     "fd": ("FD", "{:.3f}"), "clip_score": ("CLIP", "{:.2f}"), "fid": ("FID", "{:.2f}"), "n": ("n", "{}"),
@@ -969,6 +1002,9 @@ def register(commands) -> argparse.ArgumentParser:
                         help="also write every image to OUT/images/<method>-<ratio>/ (e.g. for clean-fid)")
     parser.add_argument("--grid-prompts", type=positive_int, default=6, help="prompts (columns) in grid.png")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--noise-floor", action="store_true",
+                        help="add a row of the unpatched model from other noise: the sampling noise of accuracy and "
+                             "FD, against which the methods' differences are read")
     parser.set_defaults(handler=run_eval, usage_error=parser.error)
     return parser
 
@@ -981,7 +1017,7 @@ def run_eval(args: argparse.Namespace) -> EvalResult:
             guidance=args.guidance, batch=args.batch, height=args.height, width=args.width, out=args.out,
             device=args.device, dtype=args.dtype, clip_model=args.clip_model, fid_reference=args.fid_reference,
             inception_weights=args.inception_weights, image_root=args.image_root, save_images=args.save_images,
-            grid_prompts=args.grid_prompts, progress=not args.no_progress,
+            grid_prompts=args.grid_prompts, progress=not args.no_progress, noise_floor=args.noise_floor,
         )
     except EvalError as err:
         args.usage_error(str(err))

@@ -90,6 +90,20 @@ def sample_scenes(split: str, count: int, seed_offset: int = 0) -> list[Scene]:
     return [pool[i] for i in rng.integers(len(pool), size=count)]
 
 
+def object_mask(scene: Scene, size: int = 32) -> np.ndarray:
+    """``(size, size)`` bool: the pixels the scene's object may cover, a square around its centre.
+
+    The half-side is the shape's half-extent plus the largest jitter of :func:`render` (4% of the side), so the
+    object of any rendering of the caption lies inside; everything outside is background.
+    """
+    cx, cy = _POSITION_CENTERS[scene.position]
+    half = _SIZE_RADIUS[scene.size] + 0.04
+    centers = (np.arange(size) + 0.5) / size
+    inside_x = np.abs(centers - cx) <= half
+    inside_y = np.abs(centers - cy) <= half
+    return inside_y[:, None] & inside_x[None, :]
+
+
 def render(scene: Scene, size: int = 32, jitter_seed: int | None = None) -> Image.Image:
     """Draw a scene as an RGB image of ``size`` x ``size`` pixels.
 
