@@ -220,6 +220,22 @@ def test_share_plan_modes_are_variants_with_their_plan_time(tmp_path):
     assert "--share-plan block,level" in (tmp_path / "bench.md").read_text()
 
 
+def test_attention_modes_are_variants_that_reach_the_configs(tmp_path):
+    rows = run_bench(tmp_path, "--models", "sd15", "--methods", "tomesd,tome,sito",
+                     "--attention", "plain,sized,kv,kv+sized-channel")
+    methods = by_method(rows, "sd15")
+    assert list(methods) == ["unpatched", "tomesd", "tome", "tome/sized", "tome/kv", "tome/kv+sized-channel",
+                             "sito", "sito/sized", "sito/kv", "sito/kv+sized-channel"]
+    assert all(row["status"] == "ok" for row in methods.values())
+    # K/V-only keeps every query: its attention does N x M work where merged queries do M x M.
+    assert float(methods["tome"]["gflops"]) == pytest.approx(float(methods["tome/sized"]["gflops"]), rel=1e-3)
+    assert float(methods["tome"]["gflops"]) < float(methods["tome/kv"]["gflops"]) < float(
+        methods["unpatched"]["gflops"])
+    assert "--attention plain,sized,kv,kv+sized-channel" in (tmp_path / "bench.md").read_text()
+    with pytest.raises(SystemExit):
+        run_bench(tmp_path / "bad", "--models", "sd15", "--attention", "flash")
+
+
 def test_blocks_below_min_tokens_are_reported(tmp_path, caplog):
     """64 px: SDXL's first attention level is 4x4 = 16 tokens, below the default floor of 64. The note says it, once
     per row; the per-patch warning (every round re-patches) stays quiet."""

@@ -334,3 +334,43 @@ def test_parse_methods_reads_config_options_and_keeps_ablations_apart():
         evaluate.parse_methods("importance[destinations=topk]")
     with pytest.raises(evaluate.EvalError, match="dst_selection"):
         evaluate.parse_methods("importance[dst_selection=best]")
+
+
+# ------------------------------------------------------------------------------ regions and the noise floor
+
+def test_the_object_region_holds_the_object_of_every_rendering():
+    from tokenmerge.testbed.data import BACKGROUNDS, object_mask, render, sample_scenes
+
+    for index, scene in enumerate(sample_scenes("heldout", 40)):
+        inside = object_mask(scene, 32)
+        assert 0 < inside.sum() < 32 * 32
+        for jitter in range(3):
+            pixels = np.asarray(render(scene, 32, jitter_seed=index * 10 + jitter)).astype(int)
+            drawn = np.abs(pixels - np.array(BACKGROUNDS[scene.background])).max(axis=-1) > 8
+            assert drawn.any() and not (drawn & ~inside).any(), "the object must lie inside its region"
+
+
+def test_region_psnr_separates_object_and_background():
+    from tokenmerge.testbed.data import object_mask, sample_scenes
+
+    scenes = sample_scenes("heldout", 3)
+    reference = torch.rand(3, 3, 32, 32)
+    inside = torch.from_numpy(np.stack([object_mask(s, 32) for s in scenes]))[:, None]
+    in_object = reference + 0.1 * inside
+    psnr = evaluate.region_psnr(in_object, reference, scenes)
+    assert torch.isinf(psnr["psnr_background"]).all()
+    torch.testing.assert_close(psnr["psnr_object"], torch.full((3,), 20.0))  # MSE 0.01 inside
+    psnr = evaluate.region_psnr(reference + 0.1 * ~inside, reference, scenes)
+    assert torch.isinf(psnr["psnr_object"]).all() and torch.allclose(psnr["psnr_background"], torch.tensor(20.0))
+
+
+def test_the_noise_floor_row_is_the_unpatched_model_from_other_noise(testbed_dir, tmp_path):
+    result = evaluate.evaluate(testbed_dir, methods="tome:0.5", split="heldout", count=2, seeds=[0], steps=2,
+                               batch=2, out=tmp_path, progress=False, noise_floor=True, log=lambda message: None)
+    assert [row["method"] for row in result.rows] == ["none", "unpatched, other noise", "tome"]
+    floor = result.row("unpatched, other noise")
+    assert floor["ratio"] is None and 0 < floor["psnr"] < math.inf, "other noise: another image"
+    assert 0.0 <= floor["accuracy"] <= 1.0 and floor["fd"] >= 0
+    for row in result.rows:
+        assert row["psnr_object"] is not None and row["psnr_background"] is not None
+    assert result.row("none")["psnr_object"] == math.inf

@@ -100,6 +100,15 @@ GPU_DEFAULTS = dict(models=tuple(MODELS), ratios=(0.3, 0.5, 0.7, 0.75),
 CSV_FIELDS = ("model", "size", "method", "ratio", "status", "median_s", "min_s", "max_s", "runs", "speedup",
               "gflops", "flop_bound", "achieved", "plan_s", "plan_share", "peak_mem_mib", "note")
 SHARE_MODES = ("block", "level")
+#: ``--attention``: how merged self-attention runs (config fields; docs/methods.md, "Size-aware keys").
+ATTENTION_MODES = {
+    "plain": {},
+    "sized": {"proportional_attention": True},
+    "sized-channel": {"proportional_attention": True, "bias_via": "channel"},
+    "kv": {"merge_queries": False},
+    "kv+sized": {"merge_queries": False, "proportional_attention": True},
+    "kv+sized-channel": {"merge_queries": False, "proportional_attention": True, "bias_via": "channel"},
+}
 
 
 # -- models and inputs ------------------------------------------------------------------------------
@@ -342,8 +351,10 @@ def method_config(method: str, ratio: float, latent: tuple[int, int], device: to
 
 
 def make_variant(method: str, ratio: float | None, denoiser: nn.Module, latent: tuple[int, int], device: torch.device,
-                 use_rand: bool, seed: int, share_plan: str = "block", fields: dict | None = None) -> Variant:
-    """A variant to time; tokenmerge methods planned per level are named ``METHOD+level``."""
+                 use_rand: bool, seed: int, share_plan: str = "block", fields: dict | None = None,
+                 attention: str = "plain") -> Variant:
+    """A variant to time; tokenmerge methods planned per level are named ``METHOD+level``, and those in another
+    attention mode (:data:`ATTENTION_MODES`) ``METHOD/MODE``."""
     if method == UNPATCHED:
         return Variant(method, None, lambda model: contextlib.nullcontext())
     if method == "tomesd":
@@ -356,6 +367,9 @@ def make_variant(method: str, ratio: float | None, denoiser: nn.Module, latent: 
         note = "tomesd clamps the ratio to 0.75 silently" if ratio > 0.75 else ""
         return Variant(method, ratio, lambda model: tomesd_patched(model, ratio, use_rand), note=note)
     name = method if share_plan == "block" else f"{method}+{share_plan}"
+    if attention != "plain":
+        name = f"{name}/{attention}"
+        fields = {**(fields or {}), **ATTENTION_MODES[attention]}
     try:
         config = method_config(method, ratio, latent, device, use_rand, seed, share_plan, fields, family(denoiser))
     except ValueError as err:  # e.g. a ratio out of the method's range
@@ -531,9 +545,11 @@ def bench_resolution(denoiser: nn.Module, size: Size, args: argparse.Namespace) 
     fields = {name: getattr(args, name) for name in FIELD_OPTIONS}
     latent = latent_size(size)
     variants = [make_variant(UNPATCHED, None, denoiser, latent, args.device, args.use_rand, args.seed)]
-    variants += [make_variant(method, ratio, denoiser, latent, args.device, args.use_rand, args.seed, share, fields)
+    variants += [make_variant(method, ratio, denoiser, latent, args.device, args.use_rand, args.seed, share, fields,
+                              mode)
                  for ratio in args.ratios for method in args.methods if method != UNPATCHED
-                 for share in (args.share_plan if method not in (UNPATCHED, "tomesd") else ("block",))]
+                 for share in (args.share_plan if method != "tomesd" else ("block",))
+                 for mode in (args.attention if method != "tomesd" else ("plain",))]
     runnable = [v for v in variants if v.status == "ok"]
     with (compiled_runs(runnable, denoiser, make_step, args) if args.compile
           else contextlib.nullcontext({id(v): functools.partial(measure, v, denoiser, step, args.device)
@@ -719,7 +735,8 @@ def command_line(args: argparse.Namespace) -> str:
 
     sizes = f" --sizes {join(args.sizes)}" if args.sizes else ""
     return (f"tokenmerge bench --models {join(args.models)}{sizes} --ratios {join(args.ratios)} "
-            f"--methods {join(args.methods)} --share-plan {join(args.share_plan)} --repeats {args.repeats} "
+            f"--methods {join(args.methods)} --share-plan {join(args.share_plan)} "
+            f"{f'--attention {join(args.attention)} ' if args.attention != ('plain',) else ''}--repeats {args.repeats} "
             f"--warmup {args.warmup} --images {args.images} "
             f"{f'--max-downsample {args.max_downsample} ' if args.max_downsample else ''}"
             f"{f'--min-tokens {args.min_tokens} ' if args.min_tokens is not None else ''}"
@@ -761,6 +778,13 @@ def ratio_list(text: str) -> tuple[float, ...]:
 def share_modes(text: str) -> tuple[str, ...]:
     try:
         return parse_names(text, SHARE_MODES, "share_plan mode")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def attention_modes(text: str) -> tuple[str, ...]:
+    try:
+        return parse_names(text, tuple(ATTENTION_MODES), "attention mode")
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -807,6 +831,11 @@ def register(commands) -> argparse.ArgumentParser:
                        help="plan per block and/or per U-Net level (share_plan field), e.g. block,level: each "
                             "tokenmerge method runs once per mode; level variants are named METHOD+level "
                             "(default: block)")
+    bench.add_argument("--attention", type=attention_modes, default=("plain",),
+                       help=f"self-attention modes, from {','.join(ATTENTION_MODES)}: sized = size-aware keys "
+                            "(proportional_attention), kv = K/V-only merging (merge_queries=False), -channel = the "
+                            "bias as a q/k channel (bias_via); each tokenmerge method runs once per mode, named "
+                            "METHOD/MODE (default: plain)")
     bench.add_argument("--repeats", type=at_least(1), help="interleaved timed rounds (CPU default 3; GPU 10)")
     bench.add_argument("--warmup", type=at_least(0), help="untimed rounds first (CPU default 1; GPU 3)")
     bench.add_argument("--images", type=at_least(1), default=1,

@@ -93,11 +93,12 @@ def sample_scenes(split: str, count: int, seed_offset: int = 0) -> list[Scene]:
 def object_mask(scene: Scene, size: int = 32) -> np.ndarray:
     """``(size, size)`` bool: the pixels the scene's object may cover, a square around its centre.
 
-    The half-side is the shape's half-extent plus the largest jitter of :func:`render` (4% of the side), so the
-    object of any rendering of the caption lies inside; everything outside is background.
+    The half-side is the shape's half-extent plus the largest jitter of :func:`render` (4% of the side); a pixel
+    the square overlaps at all counts (the image is box-downsampled), so the object of any rendering of the
+    caption lies inside; everything outside is background.
     """
     cx, cy = _POSITION_CENTERS[scene.position]
-    half = _SIZE_RADIUS[scene.size] + 0.04
+    half = _SIZE_RADIUS[scene.size] + 0.04 + 0.5 / size
     centers = (np.arange(size) + 0.5) / size
     inside_x = np.abs(centers - cx) <= half
     inside_y = np.abs(centers - cy) <= half
