@@ -14,6 +14,10 @@ from tokenmerge import ImportanceMerge, ReToM, SiTo, ToFu, ToMe
 EVERY_METHOD = [ToMe(ratio=0.5, seed=0), ImportanceMerge(ratio=0.5, seed=0), ToFu(ratio=0.5, seed=0),
                 SiTo(ratio=0.5, seed=0), ReToM(ratio=0.5, seed=0)]
 METHOD_IDS = ["tome", "importance", "tofu", "sito", "retom"]
+#: The self-attention modes every family runs (docs/methods.md, "Size-aware keys and K/V-only merging").
+ATTENTION_MODES = [dict(proportional_attention=True), dict(merge_queries=False, proportional_attention=True),
+                   dict(proportional_attention=True, bias_via="channel")]
+ATTENTION_IDS = ["size-aware", "kv-only-size-aware", "channel"]
 
 
 class CountingProcessor(AttnProcessor2_0):

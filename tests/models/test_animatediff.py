@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -9,8 +11,8 @@ import tokenmerge
 from tokenmerge import ImportanceMerge, ToMe
 from tokenmerge.tiny import tiny_motion_unet
 
-from .helpers import (EVERY_METHOD, METHOD_IDS, CountingProcessor, check_compiles_whole, check_merges_and_restores,
-                      check_ratio_zero_is_identical)
+from .helpers import (ATTENTION_IDS, ATTENTION_MODES, EVERY_METHOD, METHOD_IDS, CountingProcessor,
+                      check_compiles_whole, check_merges_and_restores, check_ratio_zero_is_identical)
 
 FRAMES = 4
 
@@ -44,6 +46,17 @@ def test_every_method_runs_and_remove_restores_bit_identical_outputs(motion_unet
                          ids=["tome-temporal", "importance"])
 def test_compiles_whole(motion_unet, config):
     check_compiles_whole(motion_unet, call, config)
+
+
+@pytest.mark.parametrize("mode", ATTENTION_MODES, ids=ATTENTION_IDS)
+def test_attention_modes_run_in_space_and_time(motion_unet, mode):
+    """Size-aware keys and K/V-only merging in the spatial blocks and in the motion modules' temporal merging."""
+    config = ImportanceMerge(ratio=0.5, seed=0, temporal_ratio=0.5)
+    check_ratio_zero_is_identical(motion_unet, call, dataclasses.replace(config, ratio=0.0, temporal_ratio=0.0,
+                                                                         **mode))
+    plain = check_merges_and_restores(motion_unet, call, config)
+    merged = check_merges_and_restores(motion_unet, call, dataclasses.replace(config, **mode))
+    assert not torch.allclose(merged[-1], plain[-1], atol=1e-6)
 
 
 def test_preset_and_temporal_merging_off_by_default(motion_unet):

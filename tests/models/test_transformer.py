@@ -12,8 +12,8 @@ from tokenmerge import ImportanceMerge, ToMe
 from tokenmerge.models.transformer import block_range
 from tokenmerge.tiny import tiny_dit, tiny_pixart, tiny_unet
 
-from .helpers import (EVERY_METHOD, METHOD_IDS, CountingProcessor, check_compiles_whole, check_merges_and_restores,
-                      check_ratio_zero_is_identical)
+from .helpers import (ATTENTION_IDS, ATTENTION_MODES, EVERY_METHOD, METHOD_IDS, CountingProcessor,
+                      check_compiles_whole, check_merges_and_restores, check_ratio_zero_is_identical)
 
 GEN = torch.Generator()
 
@@ -54,6 +54,15 @@ def test_ratio_zero_is_bit_identical(family, config):
 def test_every_method_runs_and_remove_restores_bit_identical_outputs(family, config):
     _, model, call = family
     check_merges_and_restores(model, call, config, timesteps=(950, 700, 400))
+
+
+@pytest.mark.parametrize("mode", ATTENTION_MODES, ids=ATTENTION_IDS)
+def test_attention_modes_run_and_remove_restores_bit_identical_outputs(family, mode):
+    _, model, call = family
+    check_ratio_zero_is_identical(model, call, ImportanceMerge(ratio=0.0, **mode))
+    plain = check_merges_and_restores(model, call, ImportanceMerge(ratio=0.5, seed=0))
+    merged = check_merges_and_restores(model, call, ImportanceMerge(ratio=0.5, seed=0, **mode))
+    assert not torch.allclose(merged[-1], plain[-1], atol=1e-6)
 
 
 @pytest.mark.parametrize("config", [ToMe(ratio=0.5), ImportanceMerge(ratio=0.5)], ids=["tome", "importance"])

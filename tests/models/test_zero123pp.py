@@ -84,3 +84,9 @@ def test_preset_merges_the_first_two_and_last_two_blocks_on_the_tiled_grid(model
                       "up_blocks.3": TILED}  # level 2 (down_blocks.2, up_blocks.1) is not merged
     assert importance.shape == (1, *TILED)  # one map over all six tiled views
     assert all(e.plan.num_kept == e.grid[0] * e.grid[1] - int(e.grid[0] * e.grid[1] * 0.5) for e in events)
+
+
+@pytest.mark.parametrize("fields", [dict(proportional_attention=True), dict(merge_queries=False)])
+def test_size_aware_keys_and_kv_only_raise_naming_the_reference_attention(model, fields):
+    with pytest.raises(ValueError, match="reference attention appends the reference image's tokens"):
+        tokenmerge.apply(model, ImportanceMerge(**fields))

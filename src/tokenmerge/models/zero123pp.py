@@ -53,6 +53,17 @@ class Zero123PlusAdapter(UNetAdapter):
 
         state.handles.append(self.unet.register_forward_pre_hook(before_unet, with_kwargs=True))
 
+    def check(self, config) -> None:
+        if config.proportional_attention or not config.merge_queries:
+            raise ValueError(
+                f"tokenmerge: {type(config).__name__}(proportional_attention={config.proportional_attention}, "
+                f"merge_queries={config.merge_queries}) cannot run on Zero123++: its reference attention appends "
+                "the reference image's tokens to the keys inside its own processor, where neither a size bias nor "
+                "separate merged keys line up with them. Use proportional_attention=False and merge_queries=True "
+                "(the family preset)."
+            )
+        super().check(config)
+
     def skips_call(self) -> bool:
         return self.reference_pass
 
