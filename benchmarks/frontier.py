@@ -3,7 +3,7 @@
     python benchmarks/frontier.py EVAL/results.json BENCH/bench.csv OUT.png [--metric psnr]
 
 Each eval row (method, its attention fields, ratio) is matched with the bench row of the same method, attention
-mode (``bench.ATTENTION_MODES``: plain, sized, kv, kv+sized, ...) and ratio; rows with other fields changed have
+mode (``cli.ATTENTION_MODES``: plain, sized, kv, kv+sized, ...) and ratio; rows with other fields changed have
 no bench twin and are left out. Plots one curve per method and mode (its ratios), prints the points, and names
 the Pareto-optimal configurations (none other is both faster and closer to the unpatched images).
 """
@@ -12,23 +12,24 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import sys
 from pathlib import Path
 
-from tokenmerge.bench import ATTENTION_MODES
+from tokenmerge.cli import ATTENTION_MODES
+from tokenmerge.evaluate import parse_methods
 
 
-def attention_mode(method: str) -> tuple[str, str] | None:
-    """``"tome[proportional_attention=True]"`` -> ``("tome", "sized")``; None when other fields are set."""
-    base, _, rest = method.partition("[")
-    fields = {}
-    for item in filter(None, rest.rstrip("]").split(";")):
-        name, _, value = item.partition("=")
-        fields[name] = {"True": True, "False": False}.get(value, value)
+def attention_mode(method: str, ratio: float) -> tuple[str, str] | None:
+    """``"tome[proportional_attention=True]"`` -> ``("tome", "sized")``: the bench variant timing that config;
+    None when fields other than the attention mode's are changed (no bench twin)."""
+    config = parse_methods(f"{method}:{ratio:g}")[0].config
+    base = method.partition("[")[0]
     for mode, wanted in ATTENTION_MODES.items():
-        if fields == wanted:
+        fields = {"bias_via": "mask", "count_pruned": True, **wanted}
+        if dataclasses.replace(type(config)(ratio=ratio), **fields) == config:
             return base, mode
     return None
 
@@ -42,7 +43,7 @@ def points(eval_json: Path, bench_csv: Path, metric: str) -> list[dict]:
                 speedups[(base, mode or "plain", float(row["ratio"]))] = float(row["speedup"].rstrip("x"))
     found = []
     for row in json.loads(eval_json.read_text())["rows"]:
-        named = attention_mode(row["method"]) if row["ratio"] is not None else None
+        named = attention_mode(row["method"], row["ratio"]) if row["ratio"] is not None else None
         key = None if named is None else (*named, float(row["ratio"]))
         if key in speedups and isinstance(row[metric], (int, float)):
             found.append({"method": key[0], "mode": key[1], "ratio": key[2], "speedup": speedups[key],

@@ -108,3 +108,10 @@ def test_console_script_shows_help():
 def test_every_method_runs_from_the_cli(tiny_model, tmp_path, method, name):
     summary = generate(tiny_model, tmp_path, "--method", method, "--ratio", "0.5")
     assert summary["config"].startswith(f"{name}(ratio=0.5") and (tmp_path / f"{method}.png").exists()
+
+
+def test_attention_mode_sets_the_configs_fields(tiny_model, tmp_path):
+    summary = generate(tiny_model, tmp_path, "--method", "tome", "--ratio", "0.5", "--attention", "kv+sized")
+    assert "proportional_attention=True" in summary["config"] and "merge_queries=False" in summary["config"]
+    plain = generate(tiny_model, tmp_path / "plain", "--method", "tome", "--ratio", "0.5", "--attention", "plain")
+    assert "proportional_attention" not in plain["config"] and "merge_queries" not in plain["config"]

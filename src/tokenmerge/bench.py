@@ -58,7 +58,7 @@ from torch.utils._pytree import tree_leaves
 
 from .api import apply, patched, remove, skipped_blocks
 from .cli import METHODS as CONFIGS
-from .cli import at_least, number_list
+from .cli import ATTENTION_MODES, at_least, number_list
 from .hooks import floor_warnings_off
 from .methods import ImportanceMerge, ToMe
 from .presets import preset
@@ -100,15 +100,7 @@ GPU_DEFAULTS = dict(models=tuple(MODELS), ratios=(0.3, 0.5, 0.7, 0.75),
 CSV_FIELDS = ("model", "size", "method", "ratio", "status", "median_s", "min_s", "max_s", "runs", "speedup",
               "gflops", "flop_bound", "achieved", "plan_s", "plan_share", "peak_mem_mib", "note")
 SHARE_MODES = ("block", "level")
-#: ``--attention``: how merged self-attention runs (config fields; docs/methods.md, "Size-aware keys").
-ATTENTION_MODES = {
-    "plain": {},
-    "sized": {"proportional_attention": True},
-    "sized-channel": {"proportional_attention": True, "bias_via": "channel"},
-    "kv": {"merge_queries": False},
-    "kv+sized": {"merge_queries": False, "proportional_attention": True},
-    "kv+sized-channel": {"merge_queries": False, "proportional_attention": True, "bias_via": "channel"},
-}
+
 
 
 # -- models and inputs ------------------------------------------------------------------------------

@@ -32,6 +32,16 @@ METHODS: dict[str, type[MethodConfig] | None] = {
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 UNPATCHED = "none"
+#: ``--attention``: how merged self-attention runs, as config fields (docs/methods.md, "Size-aware keys and K/V-only
+#: merging"); "plain" is one key per slot and merged queries.
+ATTENTION_MODES = {
+    "plain": {"proportional_attention": False, "merge_queries": True},
+    "sized": {"proportional_attention": True, "merge_queries": True},
+    "sized-channel": {"proportional_attention": True, "merge_queries": True, "bias_via": "channel"},
+    "kv": {"proportional_attention": False, "merge_queries": False},
+    "kv+sized": {"proportional_attention": True, "merge_queries": False},
+    "kv+sized-channel": {"proportional_attention": True, "merge_queries": False, "bias_via": "channel"},
+}
 
 
 @dataclass
@@ -127,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "reaches --target-speedup here, from a short calibration (tokenmerge.auto_ratio)")
     generate.add_argument("--target-speedup", type=float,
                           help="with --ratio auto: the wanted speed-up of a denoiser step, e.g. 1.5")
+    generate.add_argument("--attention", choices=tuple(ATTENTION_MODES),
+                          help="how merged self-attention runs: sized = size-aware keys, kv = K/V-only merging, "
+                               "-channel = the size bias as a q/k channel (default: the method's own)")
     generate.add_argument("--steps", type=positive_int, default=50, help="denoising steps (default 50)")
     generate.add_argument("--seed", type=int, default=0, help="seed of the latents and of the merging RNG")
     generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
@@ -164,6 +177,7 @@ def run_generate(args: argparse.Namespace) -> None:
         args.usage_error("--ratio auto needs a merging --method, not none")
     try:
         options = {} if auto else {"ratio": args.ratio}  # auto: the method's default until calibrated
+        options.update(ATTENTION_MODES.get(args.attention, {}))
         config = config_class(seed=args.seed, **options) if config_class else None
     except ValueError as err:
         args.usage_error(str(err))
