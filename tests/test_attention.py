@@ -273,3 +273,10 @@ def test_bad_attention_fields_raise_naming_the_field(fields, message):
     for method in (ToMe, ImportanceMerge, ReToM, SiTo, ToFu):
         with pytest.raises(ValueError, match=message):
             method(**fields)
+
+
+def test_a_mask_with_a_query_dimension_raises_naming_the_shapes_merging_supports(attn):
+    x, plan = duplicated_tokens()
+    mask = torch.zeros(2, x.shape[1], x.shape[1])
+    with pytest.raises(ValueError, match=r"one bias per key \(2, 13\)"):
+        self_attention_arguments(attn, (x,), {"attention_mask": mask}, plan, ToMe())

@@ -102,8 +102,8 @@ def key_logits(mask: torch.Tensor, batch: int, num_tokens: int) -> torch.Tensor:
     if mask.shape[-1] != num_tokens or mask.numel() != batch * num_tokens or mask.shape[0] != batch:
         raise ValueError(
             f"tokenmerge: the self-attention mask has shape {tuple(mask.shape)}; merging supports one bias per key "
-            f"({batch}, {num_tokens}) or ({batch}, 1, {num_tokens}). Merge without it, or set min_tokens above "
-            "this block's token count to leave the block unmerged."
+            f"({batch}, {num_tokens}) or ({batch}, 1, {num_tokens}); leave self-attention unmerged "
+            "(merge_attn=False) for a mask with a query dimension."
         )
     mask = mask.reshape(batch, num_tokens)
     if mask.dtype == torch.bool:
@@ -211,7 +211,7 @@ def pad_key(attn, k: torch.Tensor, bias: ChannelBias) -> torch.Tensor:
     return _pad(k4, width, extra)
 
 
-def pad_value(attn, v: torch.Tensor) -> torch.Tensor:
+def pad_value(attn, v: torch.Tensor, bias: ChannelBias) -> torch.Tensor:
     v4 = _split_heads(v, attn.heads)
     return _pad(v4, padded_head_dim(v4.shape[-1]))
 

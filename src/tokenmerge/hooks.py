@@ -121,12 +121,12 @@ class BlockPatch:
 
         def padding(pad):
             def hook(module, args, output):
-                return None if self.channel_bias is None else pad(output)
+                return None if self.channel_bias is None else pad(attn, output, self.channel_bias)
             return hook
 
-        handles.append(attn.to_q.register_forward_hook(padding(lambda q: attention.pad_query(attn, q, self.channel_bias))))
-        handles.append(attn.to_k.register_forward_hook(padding(lambda k: attention.pad_key(attn, k, self.channel_bias))))
-        handles.append(attn.to_v.register_forward_hook(padding(lambda v: attention.pad_value(attn, v))))
+        for projection, pad in ((attn.to_q, attention.pad_query), (attn.to_k, attention.pad_key),
+                                (attn.to_v, attention.pad_value)):
+            handles.append(projection.register_forward_hook(padding(pad)))
 
         def unpad(module, args):
             if self.channel_bias is not None:
