@@ -17,7 +17,8 @@ pixart         blocks 7-20 of 28 (``layers=(0.25, 0.75)``), self- and cross-atte
 dit            not in the paper: PixArt's placement (middle half, self-attention; DiT has no cross-attention)
 animatediff    ImportanceMerge: ``pool=0.8``, pruning in the first 4 of 30 steps; temporal merging off
 zero123pp      first two and last two U-Net blocks (``max_downsample=2``); ImportanceMerge: ``pool=0.6``,
-               pruning in the first 10 of 50 steps
+               pruning in the first 10 of 50 steps; one key per merged slot (``proportional_attention=False``:
+               its reference attention extends the keys inside its own processor)
 =============  =========================================================================================
 """
 
@@ -37,7 +38,9 @@ PRESETS: dict[str, dict[str, dict[str, object]]] = {
     },
     "dit": {"*": {"layers": (0.25, 0.75)}},
     "animatediff": {"ImportanceMerge": {"pool": 0.8, "prune_steps": 4 / 30}},
-    "zero123pp": {"*": {"max_downsample": 2}, "ImportanceMerge": {"pool": 0.6, "prune_steps": 10 / 50}},
+    # Its reference attention appends the reference tokens to the keys inside its processor: one key per slot.
+    "zero123pp": {"*": {"max_downsample": 2, "proportional_attention": False},
+                  "ImportanceMerge": {"pool": 0.6, "prune_steps": 10 / 50}},
 }
 
 
