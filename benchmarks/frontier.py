@@ -3,8 +3,8 @@
     python benchmarks/frontier.py EVAL/results.json BENCH/bench.csv OUT.png [--metric psnr]
 
 Each eval row (method, its attention fields, ratio) is matched with the bench row of the same method, attention
-mode (``cli.ATTENTION_MODES``: plain, sized, kv, kv+sized, ...) and ratio; rows with other fields changed have
-no bench twin and are left out. Plots one curve per method and mode (its ratios), prints the points, and names
+mode named explicitly (``bench --attention plain,sized,kv+sized``: ``cli.ATTENTION_MODES``) and ratio; rows with
+other fields changed have no bench twin and are left out. Plots one curve per method and mode (its ratios), prints the points, and names
 the Pareto-optimal configurations (none other is both faster and closer to the unpatched images).
 """
 
@@ -28,8 +28,7 @@ def attention_mode(method: str, ratio: float) -> tuple[str, str] | None:
     config = parse_methods(f"{method}:{ratio:g}")[0].config
     base = method.partition("[")[0]
     for mode, wanted in ATTENTION_MODES.items():
-        fields = {"bias_via": "mask", "count_pruned": True, **wanted}
-        if dataclasses.replace(type(config)(ratio=ratio), **fields) == config:
+        if mode != "default" and dataclasses.replace(type(config)(ratio=ratio), **wanted) == config:
             return base, mode
     return None
 
@@ -38,9 +37,9 @@ def points(eval_json: Path, bench_csv: Path, metric: str) -> list[dict]:
     speedups = {}
     with bench_csv.open() as handle:
         for row in csv.DictReader(handle):
-            if row["status"] == "ok" and row["ratio"]:
+            if row["status"] == "ok" and row["ratio"] and "/" in row["method"]:  # the modes named explicitly
                 base, _, mode = row["method"].partition("/")
-                speedups[(base, mode or "plain", float(row["ratio"]))] = float(row["speedup"].rstrip("x"))
+                speedups[(base, mode, float(row["ratio"]))] = float(row["speedup"].rstrip("x"))
     found = []
     for row in json.loads(eval_json.read_text())["rows"]:
         named = attention_mode(row["method"], row["ratio"]) if row["ratio"] is not None else None

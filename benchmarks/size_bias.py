@@ -47,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="4096,16384,65536")
     parser.add_argument("--ratios", default="0.5,0.75")
-    parser.add_argument("--modes", default=",".join(ATTENTION_MODES))
+    parser.add_argument("--modes", default=",".join(mode for mode in ATTENTION_MODES if mode != "default"))
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -14,6 +14,7 @@ from PIL import Image
 
 import tokenmerge
 from tokenmerge import bench, cli
+from tokenmerge.tiny import tiny_unet
 
 
 def run_bench(out: Path, *options: str) -> list[dict]:
@@ -222,7 +223,7 @@ def test_share_plan_modes_are_variants_with_their_plan_time(tmp_path):
 
 def test_attention_modes_are_variants_that_reach_the_configs(tmp_path):
     rows = run_bench(tmp_path, "--models", "sd15", "--methods", "tomesd,tome,sito",
-                     "--attention", "plain,sized,kv,kv+sized-channel")
+                     "--attention", "default,sized,kv,kv+sized-channel")
     methods = by_method(rows, "sd15")
     assert list(methods) == ["unpatched", "tomesd", "tome", "tome/sized", "tome/kv", "tome/kv+sized-channel",
                              "sito", "sito/sized", "sito/kv", "sito/kv+sized-channel"]
@@ -231,7 +232,12 @@ def test_attention_modes_are_variants_that_reach_the_configs(tmp_path):
     assert float(methods["tome"]["gflops"]) == pytest.approx(float(methods["tome/sized"]["gflops"]), rel=1e-3)
     assert float(methods["tome"]["gflops"]) < float(methods["tome/kv"]["gflops"]) < float(
         methods["unpatched"]["gflops"])
-    assert "--attention plain,sized,kv,kv+sized-channel" in (tmp_path / "bench.md").read_text()
+    assert "--attention default,sized,kv,kv+sized-channel" in (tmp_path / "bench.md").read_text()
+    # ImportanceMerge's default is size-aware: "plain" is the paper's one key per slot.
+    configs = {v.method: v.config for v in (
+        bench.make_variant("importance", 0.5, tiny_unet("sd1"), (16, 16), torch.device("cpu"), True, 0,
+                           attention=mode) for mode in ("default", "plain"))}
+    assert configs["importance"].proportional_attention and not configs["importance/plain"].proportional_attention
     with pytest.raises(SystemExit):
         run_bench(tmp_path / "bad", "--models", "sd15", "--attention", "flash")
 

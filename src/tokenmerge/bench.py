@@ -344,7 +344,7 @@ def method_config(method: str, ratio: float, latent: tuple[int, int], device: to
 
 def make_variant(method: str, ratio: float | None, denoiser: nn.Module, latent: tuple[int, int], device: torch.device,
                  use_rand: bool, seed: int, share_plan: str = "block", fields: dict | None = None,
-                 attention: str = "plain") -> Variant:
+                 attention: str = "default") -> Variant:
     """A variant to time; tokenmerge methods planned per level are named ``METHOD+level``, and those in another
     attention mode (:data:`ATTENTION_MODES`) ``METHOD/MODE``."""
     if method == UNPATCHED:
@@ -359,7 +359,7 @@ def make_variant(method: str, ratio: float | None, denoiser: nn.Module, latent: 
         note = "tomesd clamps the ratio to 0.75 silently" if ratio > 0.75 else ""
         return Variant(method, ratio, lambda model: tomesd_patched(model, ratio, use_rand), note=note)
     name = method if share_plan == "block" else f"{method}+{share_plan}"
-    if attention != "plain":
+    if attention != "default":
         name = f"{name}/{attention}"
         fields = {**(fields or {}), **ATTENTION_MODES[attention]}
     try:
@@ -541,7 +541,7 @@ def bench_resolution(denoiser: nn.Module, size: Size, args: argparse.Namespace) 
                               mode)
                  for ratio in args.ratios for method in args.methods if method != UNPATCHED
                  for share in (args.share_plan if method != "tomesd" else ("block",))
-                 for mode in (args.attention if method != "tomesd" else ("plain",))]
+                 for mode in (args.attention if method != "tomesd" else ("default",))]
     runnable = [v for v in variants if v.status == "ok"]
     with (compiled_runs(runnable, denoiser, make_step, args) if args.compile
           else contextlib.nullcontext({id(v): functools.partial(measure, v, denoiser, step, args.device)
@@ -728,7 +728,7 @@ def command_line(args: argparse.Namespace) -> str:
     sizes = f" --sizes {join(args.sizes)}" if args.sizes else ""
     return (f"tokenmerge bench --models {join(args.models)}{sizes} --ratios {join(args.ratios)} "
             f"--methods {join(args.methods)} --share-plan {join(args.share_plan)} "
-            f"{f'--attention {join(args.attention)} ' if args.attention != ('plain',) else ''}--repeats {args.repeats} "
+            f"{f'--attention {join(args.attention)} ' if args.attention != ('default',) else ''}--repeats {args.repeats} "
             f"--warmup {args.warmup} --images {args.images} "
             f"{f'--max-downsample {args.max_downsample} ' if args.max_downsample else ''}"
             f"{f'--min-tokens {args.min_tokens} ' if args.min_tokens is not None else ''}"
@@ -823,11 +823,12 @@ def register(commands) -> argparse.ArgumentParser:
                        help="plan per block and/or per U-Net level (share_plan field), e.g. block,level: each "
                             "tokenmerge method runs once per mode; level variants are named METHOD+level "
                             "(default: block)")
-    bench.add_argument("--attention", type=attention_modes, default=("plain",),
-                       help=f"self-attention modes, from {','.join(ATTENTION_MODES)}: sized = size-aware keys "
+    bench.add_argument("--attention", type=attention_modes, default=("default",),
+                       help=f"self-attention modes, from {','.join(ATTENTION_MODES)}: default = the method's own, "
+                            "plain = one key per merged slot (the papers'), sized = size-aware keys "
                             "(proportional_attention), kv = K/V-only merging (merge_queries=False), -channel = the "
                             "bias as a q/k channel (bias_via); each tokenmerge method runs once per mode, named "
-                            "METHOD/MODE (default: plain)")
+                            "METHOD/MODE (default: default, named METHOD)")
     bench.add_argument("--repeats", type=at_least(1), help="interleaved timed rounds (CPU default 3; GPU 10)")
     bench.add_argument("--warmup", type=at_least(0), help="untimed rounds first (CPU default 1; GPU 3)")
     bench.add_argument("--images", type=at_least(1), default=1,

@@ -33,8 +33,9 @@ METHODS: dict[str, type[MethodConfig] | None] = {
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 UNPATCHED = "none"
 #: ``--attention``: how merged self-attention runs, as config fields (docs/methods.md, "Size-aware keys and K/V-only
-#: merging"); "plain" is one key per slot and merged queries.
+#: merging"); "default" is each method's own, "plain" one key per slot with merged queries (the papers').
 ATTENTION_MODES = {
+    "default": {},
     "plain": {"proportional_attention": False, "merge_queries": True},
     "sized": {"proportional_attention": True, "merge_queries": True},
     "sized-channel": {"proportional_attention": True, "merge_queries": True, "bias_via": "channel"},
@@ -138,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--target-speedup", type=float,
                           help="with --ratio auto: the wanted speed-up of a denoiser step, e.g. 1.5")
     generate.add_argument("--attention", choices=tuple(ATTENTION_MODES),
-                          help="how merged self-attention runs: sized = size-aware keys, kv = K/V-only merging, "
-                               "-channel = the size bias as a q/k channel (default: the method's own)")
+                          help="how merged self-attention runs: plain = one key per merged slot (the papers'), "
+                               "sized = size-aware keys, kv = K/V-only merging, -channel = the size bias as a q/k "
+                               "channel (default: the method's own)")
     generate.add_argument("--steps", type=positive_int, default=50, help="denoising steps (default 50)")
     generate.add_argument("--seed", type=int, default=0, help="seed of the latents and of the merging RNG")
     generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
