@@ -54,7 +54,7 @@ def test_attention_modes_run_in_space_and_time(motion_unet, mode):
     config = ImportanceMerge(ratio=0.5, seed=0, temporal_ratio=0.5)
     check_ratio_zero_is_identical(motion_unet, call, dataclasses.replace(config, ratio=0.0, temporal_ratio=0.0,
                                                                          **mode))
-    plain = check_merges_and_restores(motion_unet, call, config)
+    plain = check_merges_and_restores(motion_unet, call, dataclasses.replace(config, proportional_attention=False))
     merged = check_merges_and_restores(motion_unet, call, dataclasses.replace(config, **mode))
     assert not torch.allclose(merged[-1], plain[-1], atol=1e-6)
 
