@@ -263,8 +263,8 @@ def test_peft_lora_with_size_aware_keys(sd1_unet):
 
 
 @pytest.mark.parametrize("fields,message", [
-    (dict(bias_via="channel"), "bias_via='channel'.*proportional_attention"),
-    (dict(count_pruned=False), "count_pruned=False.*proportional_attention"),
+    (dict(bias_via="channel", proportional_attention=False), "bias_via='channel'.*proportional_attention"),
+    (dict(count_pruned=False, proportional_attention=False), "count_pruned=False.*proportional_attention"),
     (dict(proportional_attention=True, bias_via="flash"), "bias_via must be one of"),
     (dict(proportional_attention=1), "proportional_attention must be True or False"),
     (dict(merge_queries=False, merge_attn=False, merge_mlp=True), "merge_queries=False.*merge_attn=False"),
