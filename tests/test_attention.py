@@ -26,6 +26,7 @@ from tokenmerge.attention import padded_head_dim, self_attention_arguments
 from tokenmerge.plan import MergePlan
 
 from .conftest import run, unet_inputs
+from .models.helpers import CountingProcessor
 
 PROCESSORS = [AttnProcessor2_0, AttnProcessor, lambda: SlicedAttnProcessor(slice_size=3)]
 GROUPS = [1, 3, 2, 4, 1, 2]  # members per slot
@@ -149,17 +150,6 @@ def test_every_method_in_every_mode_merges_and_remove_restores_bit_identical(sd1
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in sd1_unet.modules())
 
 
-class CountingProcessor(AttnProcessor2_0):
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
-        keys = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        self.shapes.append((hidden_states.shape[1], keys.shape[1]))
-        return super().__call__(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
-
-
 @pytest.mark.parametrize("merge_queries,expected", [(True, (128, 128)), (False, (256, 128))])
 def test_kv_only_keeps_every_query_and_merges_keys_and_values(sd1_unet, merge_queries, expected):
     args, kwargs = unet_inputs(sd1_unet, 2)
@@ -167,7 +157,7 @@ def test_kv_only_keeps_every_query_and_merges_keys_and_values(sd1_unet, merge_qu
     sd1_unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.set_processor(counting)
     with tokenmerge.patched(sd1_unet, ToMe(ratio=0.5, seed=0, merge_queries=merge_queries)):
         run(sd1_unet, args, kwargs)
-    assert counting.shapes == [expected]
+    assert counting.calls == [expected]
 
 
 @pytest.mark.parametrize("processor", [AttnProcessor2_0, AttnProcessor], ids=["sdpa-scale", "attn-scale"])
