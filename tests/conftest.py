@@ -25,6 +25,15 @@ def unet_inputs(unet, batch: int = 2, height: int = 16, width: int = 16, seed: i
     return args, kwargs
 
 
+def add_lora(unet) -> None:
+    """A PEFT LoRA adapter on every attention projection, with non-zero weights (skips without peft)."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+
+
 def run(unet, args, kwargs, timestep=None) -> torch.Tensor:
     if timestep is not None:
         args = (args[0], torch.tensor(timestep), *args[2:])

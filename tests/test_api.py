@@ -10,7 +10,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 import tokenmerge
 from tokenmerge import ImportanceMerge, ToMe
 
-from .conftest import run, unet_inputs
+from .conftest import add_lora, run, unet_inputs
 
 CONFIGS = [ToMe(ratio=0.5, seed=0), ImportanceMerge(ratio=0.7, seed=0)]
 
@@ -122,12 +122,8 @@ def test_works_with_any_attention_processor(sd1_unet, config):
 
 
 def test_works_with_peft_lora(sd1_unet):
-    pytest.importorskip("peft")
-    from peft import LoraConfig
-
+    add_lora(sd1_unet)
     args, kwargs = unet_inputs(sd1_unet, 2)
-    sd1_unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     lora = run(sd1_unet, args, kwargs)
     with tokenmerge.patched(sd1_unet, ToMe(ratio=0.0)):
         assert torch.equal(run(sd1_unet, args, kwargs), lora)

@@ -25,7 +25,7 @@ from tokenmerge import ImportanceMerge, ReToM, SiTo, ToFu, ToMe
 from tokenmerge.attention import padded_head_dim, self_attention_arguments
 from tokenmerge.plan import MergePlan
 
-from .conftest import run, unet_inputs
+from .conftest import add_lora, run, unet_inputs
 from .models.helpers import CountingProcessor
 
 PROCESSORS = [AttnProcessor2_0, AttnProcessor, lambda: SlicedAttnProcessor(slice_size=3)]
@@ -236,12 +236,8 @@ def test_processors_that_cannot_take_the_bias_raise_naming_themselves(sd1_unet):
 
 
 def test_peft_lora_with_size_aware_keys(sd1_unet):
-    pytest.importorskip("peft")
-    from peft import LoraConfig
-
+    add_lora(sd1_unet)
     args, kwargs = unet_inputs(sd1_unet, 2)
-    sd1_unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     lora = run(sd1_unet, args, kwargs)
     outputs = []
     for via in ("mask", "channel"):
