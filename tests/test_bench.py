@@ -14,6 +14,7 @@ from PIL import Image
 
 import tokenmerge
 from tokenmerge import bench, cli
+from tokenmerge.models.animatediff import VIDEO_FRAMES
 from tokenmerge.tiny import tiny_unet
 
 
@@ -115,8 +116,8 @@ def test_family_step_inputs_and_the_lcm_importance_preset():
     assert kwargs["timestep_cond"].shape == (2, lcm.config.time_cond_proj_dim)
     video = bench.build_denoiser(bench.model_config("animatediff", tiny=True), "cpu", torch.float32)
     args, kwargs = bench.step_inputs(video, 128, 1, torch.device("cpu"), torch.float32)
-    assert args[0].shape == (2, 4, bench.VIDEO_FRAMES, 16, 16) and kwargs == {}  # CFG batch of 2, 16 frames
-    assert args[2].shape == (2 * bench.VIDEO_FRAMES, 77, 32)  # text per frame, as AnimateDiffPipeline passes it
+    assert args[0].shape == (2, 4, VIDEO_FRAMES, 16, 16) and kwargs == {}  # CFG batch of 2, 16 frames
+    assert args[2].shape == (2 * VIDEO_FRAMES, 77, 32)  # text per frame, as AnimateDiffPipeline passes it
     cpu = torch.device("cpu")
     # LCM keeps its preset's signal (no CFG to take |eps_cond - eps_uncond| from); the others get a random map.
     config = bench.method_config("importance", 0.5, (16, 16), cpu, True, 0, family="lcm")
@@ -217,7 +218,7 @@ def test_share_plan_modes_are_variants_with_their_plan_time(tmp_path):
     for name in ("tome", "tome+level"):
         assert 0 < float(methods[name]["plan_s"]) and 0 < float(methods[name]["plan_share"])
     assert methods["unpatched"]["plan_s"] == methods["tomesd"]["plan_s"] == ""  # not tokenmerge: no plan timer
-    assert methods["retom+level"]["status"] == "invalid" and "share_plan" in methods["retom+level"]["note"]
+    assert methods["retom+level"]["status"] == "ok"  # ReToM shares its window plans per level like the others
     assert "--share-plan block,level" in (tmp_path / "bench.md").read_text()
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from tokenmerge import ImportanceMerge, ReToM, ToMe, presets
+from tokenmerge import ImportanceMerge, ReToM, SiTo, ToFu, ToMe, presets
 
 
 def test_unset_fields_take_the_family_preset_and_set_fields_are_kept():
@@ -12,8 +14,36 @@ def test_unset_fields_take_the_family_preset_and_set_fields_are_kept():
     assert (resolved.ratio, resolved.pool, resolved.prune_steps) == (0.5, 0.8, 4 / 30)
     kept = presets.resolve(ImportanceMerge(ratio=0.5, pool=0.4), "animatediff")
     assert kept.pool == 0.4 and kept.prune_steps == 4 / 30  # explicit 0.4, even though it is the class default
-    assert presets.resolve(ImportanceMerge(0.5, 0.4), "animatediff").pool == 0.4  # positional counts as set
+    positional = presets.resolve(ImportanceMerge(0.5), "zero123pp")
+    assert positional.ratio == 0.5 and "ratio" in ImportanceMerge(0.5).explicit_fields()  # positional counts as set
     assert presets.resolve(kept, "animatediff") == kept  # resolving again changes nothing
+
+
+def test_only_the_ratio_is_positional():
+    # tomesd's apply_patch(model, ratio, max_downsample, sx, sy, ...) order must not shift silently into ToMe's fields
+    for method in (ToMe, ImportanceMerge, ReToM, SiTo, ToFu):
+        assert method(0.25).ratio == 0.25
+        with pytest.raises(TypeError, match="positional"):
+            method(0.25, 1)
+
+
+@pytest.mark.parametrize("family", sorted(presets.PRESETS))
+@pytest.mark.parametrize("method", [ToMe, ImportanceMerge, ReToM, SiTo, ToFu])
+def test_not_given_survives_dataclasses_replace(family, method):
+    config = method(seed=3)
+    copied = dataclasses.replace(config, ratio=0.25)  # as eval seeds configs and auto_ratio sets ratios
+    assert copied.explicit_fields() == {"seed", "ratio"}
+    assert presets.resolve(copied, family) == dataclasses.replace(presets.resolve(config, family), ratio=0.25)
+    # A preset's values stay not given: re-resolving for another family gives that family's resolution.
+    for other in presets.PRESETS:
+        assert presets.resolve(presets.resolve(config, family), other) == presets.resolve(config, other)
+
+
+def test_a_field_given_at_the_default_value_is_kept_against_the_preset():
+    assert presets.resolve(ToMe(max_downsample=1), "zero123pp").max_downsample == 1
+    assert presets.resolve(ToMe(), "zero123pp").max_downsample == 2
+    replaced = dataclasses.replace(ToMe(), max_downsample=4)
+    assert presets.resolve(replaced, "zero123pp").max_downsample == 4
 
 
 def test_placement_applies_to_every_method_and_method_entries_only_to_theirs():

@@ -27,9 +27,10 @@ def randn(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def ctx(h: int, w: int, *, seed: int = 0, level: int = 0, num_levels: int = 4, block: str = "block") -> PlanContext:
+def ctx(h: int, w: int, *, seed: int = 0, level: int = 0, bottleneck: bool = False,
+        block: str = "block") -> PlanContext:
     return PlanContext(grid=(h, w), generator=torch.Generator().manual_seed(seed), block=block, level=level,
-                       num_levels=num_levels)
+                       bottleneck=bottleneck)
 
 
 def windows_of(h: int, w: int, size: int) -> list[list[int]]:
@@ -248,24 +249,24 @@ def test_fixed_window_sizes_of_table_1(size):
     h, w, ratio = 32, 24, 0.5
     x = randn(2, h * w, 8, seed=size)
     config = ReToM(ratio=ratio, window=size)
-    for level, num_levels in [(0, 4), (2, 4), (3, 4)]:  # the same size at every level, bottleneck included
-        assert config.window_size(level, num_levels) == size
-        check_structure(config.make_plan(x, ctx(h, w, level=level, num_levels=num_levels)), x, h, w, size, ratio)
+    for level, bottleneck in [(0, False), (2, False), (3, True)]:  # the same size at every level, bottleneck included
+        assert config.window_size(level, bottleneck) == size
+        check_structure(config.make_plan(x, ctx(h, w, level=level, bottleneck=bottleneck)), x, h, w, size, ratio)
     assert config.max_ratio() == 1 - 1 / size**2
 
 
 def test_adaptive_window_sizes_follow_the_levels():
     default = ReToM()
     # SD 1.x/2.x: 4 levels, bottleneck (mid block) at level 3; SDXL: 3 levels, bottleneck at level 2
-    assert [default.window_size(level, 4) for level in range(4)] == [2, 2, 4, 8]
-    assert [default.window_size(level, 3) for level in range(3)] == [2, 2, 8]
+    assert [default.window_size(level, level == 3) for level in range(4)] == [2, 2, 4, 8]
+    assert [default.window_size(level, level == 2) for level in range(3)] == [2, 2, 8]
     assert default.max_ratio() == 0.75
     custom = ReToM(window_sizes=(4, 2), bottleneck_window=16, ratio=0.7)
-    assert [custom.window_size(level, 6) for level in range(6)] == [4, 2, 2, 2, 2, 16]
+    assert [custom.window_size(level, level == 5) for level in range(6)] == [4, 2, 2, 2, 2, 16]
     h, w, ratio = 20, 18, 0.7
     x = randn(2, h * w, 8, seed=1)
     for level, size in enumerate([4, 2, 2, 2, 2, 16]):
-        plan = custom.make_plan(x, ctx(h, w, level=level, num_levels=6))
+        plan = custom.make_plan(x, ctx(h, w, level=level, bottleneck=level == 5))
         check_structure(plan, x, h, w, size, ratio)
 
 

@@ -34,7 +34,8 @@ def plans_and_inputs(unet, config, args, kwargs):
 
 @pytest.mark.parametrize("config", [ToMe(ratio=0.5, use_rand=False, max_downsample=2, share_plan="level"),
                                     ImportanceMerge(ratio=0.5, importance=torch.rand(16, 16), prune_steps=0.0,
-                                                    max_downsample=2, seed=0, share_plan="level")])
+                                                    max_downsample=2, seed=0, share_plan="level"),
+                                    ReToM(ratio=0.5, max_downsample=2, share_plan="level")])
 def test_level_plan_is_the_first_blocks_plan_reused_by_the_level(sd1_unet, config):
     args, kwargs = unet_inputs(sd1_unet, 2)
     events, _ = plans_and_inputs(sd1_unet, config, args, kwargs)
@@ -47,7 +48,8 @@ def test_level_plan_is_the_first_blocks_plan_reused_by_the_level(sd1_unet, confi
         assert first_name.startswith("down_blocks")
         assert all(plan is first_plan for _, plan, _ in at_level), "one plan object per level"
         ctx = PlanContext(grid=grid, generator=generator, cfg_pairs=True, level=level,
-                          importance=None if isinstance(config, ToMe) else
+                          bottleneck=level == len(sd1_unet.down_blocks) - 1,
+                          importance=None if not isinstance(config, ImportanceMerge) else
                           torch.nn.functional.adaptive_avg_pool2d(config.importance[None, None], grid).reshape(1, -1))
         expected = config.make_plan(first_x, ctx)
         assert torch.equal(first_plan.kept, expected.kept) and torch.equal(first_plan.assign, expected.assign)
@@ -92,12 +94,7 @@ def test_level_sharing_remove_restores_bit_identical_outputs(any_unet):
     assert torch.equal(run(any_unet, args, kwargs), unpatched)
 
 
-@pytest.mark.parametrize("make", [ToMe, ImportanceMerge, SiTo, ToFu])
+@pytest.mark.parametrize("make", [ToMe, ImportanceMerge, ReToM, SiTo, ToFu])
 def test_invalid_share_plan_names_the_field(make):
     with pytest.raises(ValueError, match=r"share_plan must be one of \('block', 'level'\)"):
         make(share_plan="step")
-
-
-def test_retom_keeps_its_own_per_block_cache():
-    with pytest.raises(TypeError):
-        ReToM(share_plan="level")

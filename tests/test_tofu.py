@@ -30,8 +30,12 @@ def expected_prune(prune_blocks: str, block: str) -> bool:
     }[prune_blocks]
 
 
+#: The stage each U-Net block name runs in (``PatchTarget.stage``).
+STAGE = {DOWN: "down", MID: "mid", UP: "up"}
+
+
 def context(h: int, w: int, seed: int, block: str) -> PlanContext:
-    return PlanContext(grid=(h, w), generator=torch.Generator().manual_seed(seed), block=block)
+    return PlanContext(grid=(h, w), generator=torch.Generator().manual_seed(seed), block=block, stage=STAGE[block])
 
 
 def collect_events(unet, config, batch=2, size=(16, 16)):
@@ -82,10 +86,10 @@ def test_default_prunes_the_first_level_down_blocks_and_merges_the_up_blocks(une
 
 
 def test_prunes_helper():
-    assert ToFu().prunes(DOWN) and not ToFu().prunes(MID) and not ToFu().prunes(UP)
-    assert ToFu(prune_blocks="down_mid").prunes(MID) and not ToFu(prune_blocks="down_mid").prunes(UP)
-    assert ToFu(prune_blocks="all").prunes(UP) and not ToFu(prune_blocks="none").prunes(DOWN)
-    assert not ToFu().prunes("transformer_blocks.0")  # a block of no U-Net stage merges
+    assert ToFu().prunes("down") and not ToFu().prunes("mid") and not ToFu().prunes("up")
+    assert ToFu(prune_blocks="down_mid").prunes("mid") and not ToFu(prune_blocks="down_mid").prunes("up")
+    assert ToFu(prune_blocks="all").prunes("up") and not ToFu(prune_blocks="none").prunes("down")
+    assert not ToFu().prunes("blocks") and ToFu(prune_blocks="all").prunes("blocks")  # a transformer's blocks
 
 
 # -- the matching is ToMe's -------------------------------------------------------------------------------
@@ -118,7 +122,7 @@ def test_plan_matches_tome_for_the_same_seed(block, h, w, batch, settings, seed)
         plan = config.make_plan(x, context(h, w, seed, block))
         assert torch.equal(plan.kept, tome.kept) and torch.equal(plan.assign, tome.assign)
         assert plan.num_dst == tome.num_dst
-        assert plan.prune is config.prunes(block)
+        assert plan.prune is config.prunes(STAGE[block])
         if not plan.prune:
             assert type(plan) is (MlerpPlan if mlerp else MergePlan)
             if not mlerp:
@@ -339,7 +343,7 @@ def test_invalid_config_names_the_field(kwargs, field):
 
 def test_config_is_a_frozen_method_config():
     config = ToFu()
-    assert isinstance(config, tokenmerge.methods.base.MethodConfig) and not config.uses_importance
+    assert isinstance(config, tokenmerge.methods.base.MethodConfig) and config.signal is None
     assert config == ToFu() and config != ToFu(mlerp=False)
     assert ToFu(ratio=0.875, sx=4, sy=2).max_ratio() == 0.875
     with pytest.raises(Exception):

@@ -13,7 +13,7 @@ from .methods.base import MethodConfig
 from .models import adapter_for
 from .presets import resolve
 from .signals import install_crossattn_importance
-from .state import PatchState, PlanEvent
+from .state import PatchState, PlanEvent, is_signal
 
 Model = TypeVar("Model")
 STATE_ATTR = "_tokenmerge"
@@ -67,7 +67,7 @@ def apply(model: Model, config: MethodConfig, *, on_plan: Callable[[PlanEvent], 
             f"tokenmerge: {type(config).__name__}.temporal_ratio={config.temporal_ratio} but no motion-module block "
             f"runs at the merged levels of {type(denoiser).__name__}; raise max_downsample or leave it at 0"
         )
-    crossattn = getattr(config, "importance", None) == "crossattn"
+    crossattn = is_signal(config.signal, "crossattn")
     if crossattn:
         adapter.importance_target()  # raises, naming the alternatives, on a model without cross-attention
     remove(model)

@@ -6,7 +6,7 @@ The denoisers are built from the architecture configs shipped in ``tokenmerge/co
 the weights are random, which does not change the cost of a step). For every model and resolution, every variant
 (method x ratio, and the unpatched baseline) runs one step on a CFG batch (``[uncond; cond]``,
 batch ``2 x --images``; LCM: ``--images``, no CFG; AnimateDiff: videos of 16 frames; Zero123++: six views tiled
-in a 960x640 image, after a reference pass; each family's inputs come from its function in ``FAMILY_INPUTS``;
+in a 960x640 image, after a reference pass; each family's inputs come from its adapter's ``example_inputs``;
 ``--steps S`` makes a sample S calls of one run, reported per call): warm-up, then ``--repeats`` interleaved
 rounds (one run of each variant per round), so that drifts of the machine hit all variants alike. With
 ``--compile MODE`` every variant is a copy of the denoiser, patched once and ``torch.compile``'d (compiled in
@@ -57,10 +57,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .api import apply, patched, remove, skipped_blocks
+from .calibrate import timed
 from .cli import METHODS as CONFIGS
 from .cli import ATTENTION_MODES, at_least, number_list
 from .hooks import floor_warnings_off
-from .methods import ImportanceMerge, ToMe
+from .methods import ImportanceMerge
+from .methods.base import config_fields
+from .models import example_inputs
 from .presets import preset
 
 
@@ -89,10 +92,6 @@ METHODS = ("unpatched", "tomesd", "tome", "importance", "retom", "sito", "tofu")
 UNPATCHED = "unpatched"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TINY_SIZE = 128  # the tiny configs' sample_size (16) x 8
-TEXT_TOKENS = {"UNet2DConditionModel": 77, "UNetMotionModel": 77, "ReferenceUNet": 77,
-               "PixArtTransformer2DModel": 120}  # CLIP / T5
-VIDEO_FRAMES = 16  # AnimateDiff: frames per video (the adapters' training length)
-REFERENCE_SIZE = 320  # Zero123++: the condition image's side in pixels (its reference pass runs at 40x40 latents)
 CPU_DEFAULTS = dict(models=("sd15",), ratios=(0.5,), methods=("unpatched", "tomesd", "tome", "importance"),
                     repeats=3, warmup=1)
 GPU_DEFAULTS = dict(models=tuple(MODELS), ratios=(0.3, 0.5, 0.7, 0.75),
@@ -163,11 +162,6 @@ def family(denoiser: nn.Module) -> str:
     return adapter_for(denoiser).family
 
 
-def cfg_batch(denoiser: nn.Module, images: int) -> int:
-    """The batch of one step: ``[uncond; cond]`` (``2 * images``), or ``images`` for LCM (no CFG)."""
-    return images if family(denoiser) == "lcm" else 2 * images
-
-
 def pixels(size: Size) -> tuple[int, int]:
     """``(height, width)`` in pixels."""
     return (size, size) if isinstance(size, int) else size
@@ -185,107 +179,8 @@ def size_label(size: Size) -> str:
 
 def step_inputs(denoiser: nn.Module, size: Size, images: int, device: torch.device, dtype: torch.dtype,
                 seed: int = 0) -> tuple[tuple, dict]:
-    """Arguments of one denoiser call on the family's batch (:func:`cfg_batch`) of ``images`` at ``size`` pixels
-    (latent = size / 8); ``size`` is one side of a square or ``(height, width)``. One function per family
-    (``FAMILY_INPUTS``) builds them.
-
-    The latent goes first and positionally (tomesd reads ``args[0]``). The U-Net timestep is a CPU tensor:
-    tokenmerge's step clock reads it without a device-to-host sync, and the U-Net copies it to the device
-    first thing in its forward, when nothing but the start event is queued.
-    """
-    height, width = pixels(size)
-    config, latent = getattr(denoiser, "unet", denoiser).config, latent_size(size)
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(device, dtype)
-
-    if not is_unet(denoiser) and hasattr(config, "patch_size") and (latent[0] % config.patch_size
-                                                                     or latent[1] % config.patch_size):
-        raise ValueError(f"{type(denoiser).__name__}: size {size} is not a multiple of {8 * config.patch_size}")
-    name = family(denoiser)
-    return FAMILY_INPUTS[name](StepShape(denoiser, height, width, cfg_batch(denoiser, images), device, dtype, randn))
-
-
-@dataclass(frozen=True)
-class StepShape:
-    """What a family's input builder needs: the denoiser, the image size, the batch and a seeded ``randn``."""
-
-    denoiser: nn.Module
-    height: int
-    width: int
-    batch: int
-    device: torch.device
-    dtype: torch.dtype
-    randn: Callable[..., torch.Tensor]
-
-    @property
-    def latent(self) -> tuple[int, int]:
-        return self.height // 8, self.width // 8
-
-    def text(self, width: int) -> torch.Tensor:
-        """Random text-encoder states of the family's prompt length (CLIP 77, PixArt's T5 120)."""
-        return self.randn(self.batch, TEXT_TOKENS[type(self.denoiser).__name__], width)
-
-
-def sd_inputs(s: StepShape) -> tuple[tuple, dict]:
-    """SD 1.x / 2.x / SDXL U-Net: latent, CPU timestep, CLIP states; SDXL adds its pooled embedding and size ids."""
-    config, kwargs = s.denoiser.config, {}
-    if config.addition_embed_type == "text_time":  # SDXL: pooled text embedding and 6 size/crop ids
-        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        time_ids = torch.tensor([s.height, s.width, 0, 0, s.height, s.width], dtype=s.dtype, device=s.device)
-        kwargs["added_cond_kwargs"] = {"text_embeds": s.randn(s.batch, pooled), "time_ids": time_ids.expand(s.batch, 6)}
-    latent = s.randn(s.batch, config.in_channels, *s.latent)
-    return (latent, torch.tensor(500), s.text(config.cross_attention_dim)), kwargs
-
-
-def lcm_inputs(s: StepShape) -> tuple[tuple, dict]:
-    """LCM U-Net: no CFG (batch = images); the guidance-scale embedding goes in as ``timestep_cond``."""
-    args, kwargs = sd_inputs(s)
-    return args, {**kwargs, "timestep_cond": s.randn(s.batch, s.denoiser.config.time_cond_proj_dim)}
-
-
-def animatediff_inputs(s: StepShape) -> tuple[tuple, dict]:
-    """AnimateDiff ``UNetMotionModel``: a 5-D latent ``(batch, C, frames, H, W)`` of ``VIDEO_FRAMES`` frames; the
-    text states are repeated per frame (``batch * frames`` rows), as ``AnimateDiffPipeline`` passes them."""
-    config = s.denoiser.config
-    latent = s.randn(s.batch, config.in_channels, VIDEO_FRAMES, *s.latent)
-    text = s.text(config.cross_attention_dim).repeat_interleave(VIDEO_FRAMES, dim=0)
-    return (latent, torch.tensor(500), text), {}
-
-
-def pixart_inputs(s: StepShape) -> tuple[tuple, dict]:
-    """PixArt-alpha: latent, T5 states, timestep, and the resolution / aspect-ratio conditions."""
-    config = s.denoiser.config
-    conditions = {"resolution": torch.tensor([[s.height, s.width]] * s.batch, dtype=s.dtype, device=s.device),
-                  "aspect_ratio": torch.ones(s.batch, 1, dtype=s.dtype, device=s.device)}
-    timestep = torch.full((s.batch,), 500, device=s.device)
-    return (s.randn(s.batch, config.in_channels, *s.latent), s.text(config.caption_channels), timestep), {
-        "added_cond_kwargs": conditions}
-
-
-def dit_inputs(s: StepShape) -> tuple[tuple, dict]:
-    """DiT: class-conditional, ``[cond; null class]`` as DiTPipeline."""
-    images = s.batch // 2
-    labels = torch.tensor([1] * images + [1000] * images, device=s.device)
-    latent = s.randn(s.batch, s.denoiser.config.in_channels, *s.latent)
-    return (latent, torch.full((s.batch,), 500, device=s.device), labels), {}
-
-
-def zero123pp_inputs(s: StepShape) -> tuple[tuple, dict]:
-    """Zero123++: the six views tiled in one latent (960x640 px natively), CLIP-sized conditioning states, and the
-    reference latent of the 320x320 condition image (``cross_attention_kwargs["cond_lat"]``), run first."""
-    config = s.denoiser.unet.config
-    latent = s.randn(s.batch, config.in_channels, *s.latent)
-    reference = s.randn(s.batch, config.in_channels, REFERENCE_SIZE // 8, REFERENCE_SIZE // 8)
-    return (latent, torch.tensor(500), s.text(config.cross_attention_dim)), {
-        "cross_attention_kwargs": {"cond_lat": reference}}
-
-
-FAMILY_INPUTS: dict[str, Callable[[StepShape], tuple[tuple, dict]]] = {
-    "sd": sd_inputs, "lcm": lcm_inputs, "animatediff": animatediff_inputs, "pixart": pixart_inputs, "dit": dit_inputs,
-    "zero123pp": zero123pp_inputs,
-}
+    """Arguments of one denoiser call, as its family's pipeline makes them (:meth:`tokenmerge.models.Adapter.example_inputs`)."""
+    return example_inputs(denoiser, size, images, device, dtype, seed)
 
 
 # -- variants ---------------------------------------------------------------------------------------
@@ -328,17 +223,17 @@ def method_config(method: str, ratio: float, latent: tuple[int, int], device: to
     kept."""
     options = {name: value for name, value in (fields or {}).items() if value is not None}
     if share_plan != "block":
-        options["share_plan"] = share_plan  # ReToM has no share_plan field
+        options["share_plan"] = share_plan
+    config_class = CONFIGS[method]
+    missing = sorted(set(options) - {field.name for field in config_fields(config_class)})
+    if missing:
+        raise ValueError(f"{config_class.__name__} has no {', '.join(missing)} field")
     if method == "tome":
-        return ToMe(ratio=ratio, use_rand=use_rand, seed=seed, **options)
+        options["use_rand"] = use_rand
     if method == "importance":
         if "importance" not in preset(family, ImportanceMerge):
             options["importance"] = torch.rand(*latent, generator=torch.Generator().manual_seed(seed)).to(device)
-        return ImportanceMerge(ratio=ratio, prune_steps=0.0, seed=seed, **options)
-    config_class = CONFIGS[method]
-    missing = sorted(set(options) - {field.name for field in dataclasses.fields(config_class)})
-    if missing:
-        raise ValueError(f"{config_class.__name__} has no {', '.join(missing)} field")
+        options["prune_steps"] = 0.0
     return config_class(ratio=ratio, seed=seed, **options)
 
 
@@ -460,20 +355,6 @@ def plan_seconds(variant: Variant, denoiser: nn.Module, step: Callable[[], objec
     finally:
         cls.make_plan = original
     return spent[0]
-
-
-def timed(step: Callable[[], object], device: torch.device) -> float:
-    """Seconds of one call: CUDA events (synced once, on the end event) on GPU, perf_counter on CPU."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    start_s = time.perf_counter()
-    step()
-    return time.perf_counter() - start_s
 
 
 def measure(variant: Variant, denoiser: nn.Module, step: Callable[[], object], device: torch.device) -> float:

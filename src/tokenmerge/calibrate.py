@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,11 +26,26 @@ import torch
 from .api import apply, current_config, find_denoiser, patched, remove
 from .hooks import floor_warnings_off
 from .methods.base import MethodConfig
+from .models import example_inputs
 
 log = logging.getLogger("tokenmerge")
 #: Ratios tried by default, in order (those above the config's max_ratio are left out).
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75)
 Timer = Callable[[Callable[[], object]], float]
+
+
+def timed(call: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call: CUDA events (synced once, on the end event) on GPU, ``time.perf_counter`` elsewhere."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start_s = time.perf_counter()
+    call()
+    return time.perf_counter() - start_s
 
 
 @dataclass(frozen=True)
@@ -94,8 +110,6 @@ def auto_ratio(model: object, config: MethodConfig, target_speedup: float, *,
         repeats: timed calls per ratio (the median counts); warmup: untimed calls before them.
         timer: ``timer(call) -> seconds``; default: CUDA events on GPU, ``time.perf_counter`` on CPU.
     """
-    from .bench import step_inputs, timed
-
     if isinstance(target_speedup, bool) or not isinstance(target_speedup, (int, float)) or not target_speedup > 1:
         raise ValueError(f"auto_ratio: target_speedup must be a number > 1 (e.g. 1.5 for 1.5x), got {target_speedup!r}")
     if (size is None) == (inputs is None):
@@ -112,7 +126,7 @@ def auto_ratio(model: object, config: MethodConfig, target_speedup: float, *,
     denoiser, _ = find_denoiser(model)
     if inputs is None:
         param = next(denoiser.parameters())
-        inputs = step_inputs(denoiser, size, 1, param.device, param.dtype)
+        inputs = example_inputs(denoiser, size, 1, param.device, param.dtype)
     args, kwargs = inputs
     if timer is None:
         device = next(denoiser.parameters()).device

@@ -26,6 +26,7 @@ from .api import apply, find_denoiser, remove, skipped_blocks
 from .calibrate import AutoRatio, auto_ratio
 from .methods import ImportanceMerge, ReToM, SiTo, ToFu, ToMe
 from .methods.base import MethodConfig
+from .state import is_signal
 
 METHODS: dict[str, type[MethodConfig] | None] = {
     "none": None, "tome": ToMe, "importance": ImportanceMerge, "retom": ReToM, "sito": SiTo, "tofu": ToFu,
@@ -183,7 +184,7 @@ def run_generate(args: argparse.Namespace) -> None:
         config = config_class(seed=args.seed, **options) if config_class else None
     except ValueError as err:
         args.usage_error(str(err))
-    if config is not None and config.uses_importance and args.guidance <= 1:
+    if config is not None and is_signal(config.signal, "cfg") and args.guidance <= 1:
         args.usage_error(f"--method {args.method} reads token importance from classifier-free guidance, which "
                          f"--guidance {args.guidance:g} turns off; use a guidance scale above 1")
     map_steps = args.map_steps or default_map_steps(args.steps)

@@ -39,6 +39,7 @@ from torch import nn
 from .api import patched
 from .cli import DTYPES, METHODS, UNPATCHED, load_pipeline, number_list, positive_int, resolve_device, synchronize
 from .methods.base import MethodConfig
+from .state import is_signal
 from .testbed.data import ATTRIBUTES, SPLIT_SEEDS, Scene, all_scenes, object_mask, render, sample_scenes
 
 KNOWN_METHODS = tuple(name for name in METHODS if name != UNPATCHED)
@@ -578,7 +579,7 @@ def evaluate(
         if value < 1:
             raise EvalError(f"{name} must be at least 1, got {value}")
     if guidance is not None and guidance <= 1:
-        users = [v.label for v in variants if v.config is not None and v.config.uses_importance]
+        users = [v.label for v in variants if v.config is not None and is_signal(v.config.signal, "cfg")]
         if users:
             raise EvalError(f"{', '.join(users)} read token importance from classifier-free guidance, which "
                             f"guidance {guidance:g} turns off; use a guidance scale above 1")

@@ -154,7 +154,7 @@ class BlockPatch:
                 grid = state.adapter.grid(state.latent_hw, self.target, tokens)
                 state.on_plan(PlanEvent(state.clock.step, self.target.name, grid, None, None, state.prune_phase))
             return
-        key = config.share_key(self.target.name, self.target.level)
+        key = config.share_key(self.target.level, self.target.stage)
         if key is not None and key in state.shared_plans:
             # share_plan="level": this level's first block already planned in this denoiser call.
             self.plan, ctx = state.shared_plans[key]
@@ -175,10 +175,11 @@ class BlockPatch:
             generator=DEVICE_RNG if config.uses_rng else None,
             cfg_pairs=state.cfg_pairs,
             prune_phase=state.prune_phase,
-            importance=state.importance_on_grid(grid, groups) if state.config.uses_importance else None,
+            importance=state.importance_on_grid(grid, groups) if state.uses_importance else None,
             block=self.target.name,
             level=self.target.level,
-            num_levels=state.adapter.num_levels,
+            stage=self.target.stage,
+            bottleneck=self.target.bottleneck,
             cond_first=state.adapter.cond_first,
         )
         with torch.no_grad():

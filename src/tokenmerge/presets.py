@@ -1,8 +1,9 @@
 """Per-family defaults: the settings the importance paper (Sec. 4.1, Appendix B) used on each model family.
 
 ``tokenmerge.apply(pipe, config)`` resolves the config against the preset of the denoiser's family: every field
-the caller did not pass takes the preset's value; a field passed explicitly is never overridden. ``"*"`` holds
-what applies to every method (placement), a method's class name what applies to that method only.
+the caller did not pass takes the preset's value (or, where the preset says nothing, the method's default); a field
+passed explicitly is never overridden. ``"*"`` holds what applies to every method (placement), a method's name
+(:data:`tokenmerge.methods.METHODS`) what applies to that method only.
 
 >>> tokenmerge.presets.resolve(tokenmerge.ImportanceMerge(ratio=0.5), "animatediff")
 ImportanceMerge(ratio=0.5, pool=0.8, ..., prune_steps=0.1333...)
@@ -25,22 +26,23 @@ zero123pp      first two and last two U-Net blocks (``max_downsample=2``); Impor
 from __future__ import annotations
 
 import dataclasses
+from types import MappingProxyType
 
-from .methods.base import MethodConfig
+from .methods.base import MethodConfig, _same, config_fields, default_of
 
 PRESETS: dict[str, dict[str, dict[str, object]]] = {
     "sd": {},
-    "lcm": {"ImportanceMerge": {"importance": "crossattn"}},
+    "lcm": {"importance": {"importance": "crossattn"}},
     "pixart": {
         "*": {"layers": (0.25, 0.75), "merge_crossattn": True},
-        "ImportanceMerge": {"match": "grid"},
-        "ToMe": {"match": "grid"},
+        "importance": {"match": "grid"},
+        "tome": {"match": "grid"},
     },
     "dit": {"*": {"layers": (0.25, 0.75)}},
-    "animatediff": {"ImportanceMerge": {"pool": 0.8, "prune_steps": 4 / 30}},
+    "animatediff": {"importance": {"pool": 0.8, "prune_steps": 4 / 30}},
     # Its reference attention appends the reference tokens to the keys inside its processor: one key per slot.
     "zero123pp": {"*": {"max_downsample": 2, "proportional_attention": False},
-                  "ImportanceMerge": {"pool": 0.6, "prune_steps": 10 / 50}},
+                  "importance": {"pool": 0.6, "prune_steps": 10 / 50}},
 }
 
 
@@ -49,20 +51,24 @@ def preset(family: str, method: type[MethodConfig] | MethodConfig) -> dict[str, 
     if family not in PRESETS:
         raise ValueError(f"unknown model family {family!r}; known families: {', '.join(PRESETS)}")
     cls = method if isinstance(method, type) else type(method)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in config_fields(cls)}
     table = PRESETS[family]
-    values = {**table.get("*", {}), **table.get(cls.__name__, {})}
+    values = {**table.get("*", {}), **table.get(cls.name, {})}
     return {name: value for name, value in values.items() if name in names}
 
 
 def resolve(config: MethodConfig, family: str) -> MethodConfig:
-    """``config`` with the fields the caller left out set from the family's preset (the same object if none)."""
-    explicit = config.explicit_fields()
-    changes = {name: value for name, value in preset(family, config).items()
-               if name not in explicit and getattr(config, name) != value}
+    """``config`` with every field the caller left out set from the family's preset, else to the method's default.
+
+    The same object when nothing changes. Resolving a resolved config for another family gives what resolving the
+    original would: the preset's fields stay "not given".
+    """
+    not_given = config.not_given()
+    values = preset(family, config)
+    target = {name: values.get(name, default_of(config, name)) for name in not_given}
+    changes = {name: value for name, value in target.items() if not _same(getattr(config, name), value)}
     if not changes:
         return config
     resolved = dataclasses.replace(config, **changes)
-    # The preset's fields stay "not set by the caller", so re-applying the resolved config resolves the same way.
-    object.__setattr__(resolved, "_explicit", explicit)
+    object.__setattr__(resolved, "_not_given", MappingProxyType(target))
     return resolved

@@ -147,7 +147,8 @@ class PatchState:
         self.cfg_pairs = False
         self.prune_phase = False
         self.importance: torch.Tensor | None = None  # (groups, H, W), from the previous step
-        self.cfg_importance = _is_cfg(getattr(config, "importance", None))  # read from the CFG output
+        self.uses_importance = config.signal is not None  # the plans read state.importance
+        self.cfg_importance = is_signal(config.signal, "cfg")  # read from the CFG output
         # Plans that follow the run (step, progress, random numbers restarted per run, plans held across steps; the
         # temporal matching always draws): a bare denoiser's clock reads the timestep to tell a new run.
         self.follows_run = config.uses_clock or config.hold_steps > 1 or config.temporal_ratio > 0
@@ -175,11 +176,11 @@ class PatchState:
         self.fresh_plans = frozenset(key for key, age in self.plan_ages.items() if age < self.config.hold_steps)
         self.latent_hw = tuple(sample.shape[-2:])
         self.cfg_pairs = self._is_cfg_batch(sample, new_run)
-        self.prune_phase = self.clock.progress < getattr(self.config, "prune_steps", 0.0)
+        self.prune_phase = self.config.prunes_at(self.clock.progress)
         self._pooled.clear()
         self.shared_plans.clear()
         self.skipped.clear()
-        signal = getattr(self.config, "importance", None)
+        signal = self.config.signal
         if self.cfg_importance and not self.cfg_pairs:
             raise ValueError(
                 "tokenmerge: ImportanceMerge(importance='cfg') needs classifier-free guidance (a batch "
@@ -258,5 +259,6 @@ class PatchState:
         return self._run_is_cfg
 
 
-def _is_cfg(signal: object) -> bool:
-    return isinstance(signal, str) and signal == "cfg"
+def is_signal(signal: object, name: str) -> bool:
+    """Whether ``signal`` (a method's :attr:`~tokenmerge.methods.base.MethodConfig.signal`) is the named one."""
+    return isinstance(signal, str) and signal == name

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import ClassVar
 
 import torch
 
@@ -40,11 +43,15 @@ class PlanContext:
             for the call (never the user's); called directly, any ``torch.Generator``. None for a method that
             draws nothing (:attr:`MethodConfig.uses_rng` is False).
         cfg_pairs: True when the batch is ``[uncond; cond]`` and both halves must share one plan.
-        prune_phase: True during the first steps where the method prunes instead of merging.
+        prune_phase: True during the first steps where the method prunes instead of merging
+            (:meth:`MethodConfig.prunes_at`).
         importance: ``(pairs_or_batch, N)`` importance of each token, or None when none is known yet.
-        block: name of the patched block (ToFu tells its prune or merge role from it).
-        level: the block's U-Net level (0 = full latent resolution).
-        num_levels: how many levels the U-Net has (``level == num_levels - 1`` is the bottleneck).
+        block: name of the patched block (for reports).
+        level: the block's level of resolution (0 = the latent's full resolution; a transformer has one level).
+        stage: where the block sits in its denoiser, in the family's words: ``"down"``, ``"mid"`` or ``"up"`` in a
+            U-Net, ``"blocks"`` in a transformer. ToFu prunes by stage.
+        bottleneck: True for a block at the lowest resolution of a U-Net (never in a transformer). ReToM widens
+            its window there.
         cond_first: True when a CFG batch is ``[cond; uncond]`` (DiT's pipeline) instead of ``[uncond; cond]``.
     """
 
@@ -55,7 +62,8 @@ class PlanContext:
     importance: torch.Tensor | None = None
     block: str = ""
     level: int = 0
-    num_levels: int = 1
+    stage: str = "blocks"
+    bottleneck: bool = False
     cond_first: bool = False
 
     def conditional(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,25 +78,43 @@ class PlanContext:
 MAX_TEMPORAL_RATIO = 0.5
 
 
+def _same(a: object, b: object) -> bool:
+    """Equal values, where a tensor (an importance map) is only ever the same object."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or callable(a) or callable(b):
+        return False
+    return type(a) is type(b) and a == b
+
+
 @dataclass(frozen=True)
 class MethodConfig:
-    """Base of the method configs: the ``make_plan`` contract and the fields every method shares.
+    """Base of the method configs: the fields every method shares, their validation, and the ``make_plan`` contract.
 
-    Each method declares ``ratio``, ``max_downsample``, ``merge_attn``, ``merge_crossattn``, ``merge_mlp``,
-    ``seed`` and ``min_tokens``: the merge floor. ``min_tokens=None`` (default) is the automatic floor, where
-    merging was measured not to pay: on CPU a block with fewer than 64 tokens is not merged, on CUDA one with
-    batch x tokens below 65536 and a self-attention under 1 TFLOP (small blocks are launch bound; :meth:`merges`,
-    docs/methods.md). An int: blocks with fewer tokens are not merged, on any device; 0 merges every block, as
-    tomesd does. Skipped blocks are listed by :func:`tokenmerge.skipped_blocks`. Methods that plan from a block's
-    input alone also declare ``share_plan``: ``"block"`` (default) plans every patched block from its own input;
-    ``"level"`` builds one plan per U-Net level and denoiser call from the input of the level's first block and
-    reuses it in the level's other blocks (one similarity matching per level instead of per block; outputs
-    change).
-
-    The keyword-only fields below place merging in model families other than the SD U-Net, and reuse plans
-    across steps:
+    A method is a frozen dataclass deriving from this one, decorated ``@dataclass(frozen=True, kw_only=True)``:
+    ``ratio`` is its only positional field (``ToMe(0.5)``), every other field is given by name. It declares its
+    own fields, checks them in :meth:`check_fields`, and implements :meth:`make_plan` and :meth:`max_ratio`.
+    What the core asks of it: :attr:`signal` (the importance it plans from), :meth:`prunes_at` (its pruning
+    phase), :attr:`uses_rng`, :attr:`uses_clock`, :attr:`hold_steps` and :meth:`share_key`.
 
     Args:
+        ratio: fraction of a block's tokens merged (or pruned) away; each method gives its range.
+        max_downsample: U-Nets: patch attention levels up to this downsampling (1, 2, 4 or 8), counted from the
+            highest-resolution level that has attention: 1 = that level only (ToMeSD's and the importance
+            paper's placement). Transformers place merging with ``layers``.
+        merge_attn: merge around self-attention (``attn1``).
+        merge_crossattn: merge the queries of cross-attention (``attn2``).
+        merge_mlp: merge around the feed-forward (``ff``).
+        seed: seed of the private generator the plans draw from; None forks the global RNG at each pipeline call
+            (reproducible under ``torch.manual_seed``) without consuming it.
+        min_tokens: the merge floor. None (default) is the automatic floor, where merging was measured not to
+            pay: on CPU a block with fewer than 64 tokens is not merged, on CUDA one with batch x tokens below
+            65536 and a self-attention under 1 TFLOP (small blocks are launch bound; :meth:`merges`,
+            docs/methods.md). An int: blocks with fewer tokens are not merged, on any device; 0 merges every
+            block, as tomesd does. Skipped blocks are listed by :func:`tokenmerge.skipped_blocks`.
+        share_plan: ``"block"`` (default) plans every patched block from its own input; ``"level"`` builds one plan
+            per level and denoiser call from the input of the level's first block and reuses it in the level's
+            other blocks (one matching per level instead of per block; outputs change).
         layers: for transformer denoisers (PixArt, DiT): the ``(start, end)`` fraction of the blocks patched,
             block ``i`` of ``L`` when ``start * L <= i < end * L``; ``(0.25, 0.75)`` is PixArt's 7-20 of 28.
             None: the model family's preset (every block for a transformer with no preset). Raises on U-Nets,
@@ -118,10 +144,19 @@ class MethodConfig:
             no float mask is passed and fused (flash) kernels stay usable on a GPU; equal to ``"mask"`` to float
             rounding.
 
-    Fields left out of the constructor take the model family's preset when applied (``tokenmerge.presets``);
-    fields passed explicitly are never overridden.
+    Fields the caller did not give take the model family's preset when applied (``tokenmerge.presets``); given
+    fields are never overridden. Which were given survives ``dataclasses.replace``: a field stays "not given"
+    while it keeps the value it had (:meth:`explicit_fields`).
     """
 
+    ratio: float = 0.5
+    max_downsample: int = field(default=1, kw_only=True)
+    merge_attn: bool = field(default=True, kw_only=True)
+    merge_crossattn: bool = field(default=False, kw_only=True)
+    merge_mlp: bool = field(default=False, kw_only=True)
+    seed: int | None = field(default=None, kw_only=True)
+    min_tokens: int | None = field(default=None, kw_only=True)
+    share_plan: str = field(default="block", kw_only=True)
     layers: tuple[float, float] | None = field(default=None, kw_only=True)
     temporal_ratio: float = field(default=0.0, kw_only=True)
     plan_every: int = field(default=1, kw_only=True)
@@ -129,11 +164,22 @@ class MethodConfig:
     merge_queries: bool = field(default=True, kw_only=True)
     count_pruned: bool = field(default=True, kw_only=True)
     bias_via: str = field(default="mask", kw_only=True)
+    #: The fields the caller did not give, with the value each had then (``dataclasses.replace`` carries it).
+    _not_given: Mapping[str, object] | None = field(default=None, kw_only=True, repr=False, compare=False)
 
-    #: Whether the method needs the per-token importance signal (so the denoiser hook computes it).
-    uses_importance = False
-    #: Default of the ``share_plan`` field where a method has one; methods without it plan per block.
-    share_plan = "block"
+    #: The method's name in the registry (:data:`tokenmerge.methods.METHODS`), the CLI and the presets.
+    name: ClassVar[str] = ""
+
+    # -- what the core asks a method ------------------------------------------------------------------
+    @property
+    def signal(self) -> object | None:
+        """The importance the plans read (``PlanContext.importance``): None (default) for none; ``"cfg"``,
+        ``"crossattn"``, a map tensor or a callable ``step -> tensor`` (:mod:`tokenmerge.signals`)."""
+        return None
+
+    def prunes_at(self, progress: float) -> bool:
+        """Whether the denoiser call at ``progress`` (fraction of the run done) is in the pruning phase."""
+        return False
 
     @property
     def uses_rng(self) -> bool:
@@ -153,15 +199,25 @@ class MethodConfig:
         """Denoiser calls a plan is used for before it is rebuilt: ``plan_every`` (ReToM: its ``period`` too)."""
         return self.plan_every
 
-    def share_key(self, block: str, level: int) -> tuple | None:
+    def share_key(self, level: int, stage: str) -> tuple | None:
         """Key under which blocks share one plan per denoiser call, or None to plan per block.
 
-        ``share_plan="level"``: every block of a U-Net level reuses the plan built from the input of the
-        level's first block to run; a method whose plan depends on more than the level (ToFu: prune or
-        merge) adds it to the key.
+        ``share_plan="level"``: every block of a level reuses the plan built from the input of the level's first
+        block to run; a method whose plan depends on more than the level (ToFu: prune or merge, by stage) adds
+        it to the key.
         """
         return ("level", level) if self.share_plan == "level" else None
 
+    def make_plan(self, x: torch.Tensor, ctx: PlanContext) -> MergePlan | None:  # pragma: no cover
+        raise NotImplementedError
+
+    def max_ratio(self) -> float:  # pragma: no cover
+        raise NotImplementedError
+
+    def check_fields(self) -> None:
+        """Raise ``ValueError`` naming the field for a bad value of the method's own fields."""
+
+    # -- the merge floor ------------------------------------------------------------------------------
     def merges(self, batch: int, tokens: int, channels: int, device_type: str) -> bool:
         """Whether a block input of ``batch`` x ``tokens`` x ``channels`` on a ``device_type`` device is merged.
 
@@ -185,42 +241,54 @@ class MethodConfig:
                     f"{MIN_ATTENTION_FLOPS_CUDA / 1e12:g} TFLOP)")
         return f"the automatic floor ({device_type}: {MIN_TOKENS_CPU} tokens)"
 
+    def max_downsample_levels(self) -> int:
+        """How many attention levels, from the highest resolution down, are patched."""
+        return int(math.log2(self.max_downsample)) + 1
+
+    # -- which fields the caller gave -----------------------------------------------------------------
     def __new__(cls, *args, **kwargs):
-        # Record which fields the caller set, so that a model family's preset fills only the others.
+        # Record which fields the caller gave, so that a model family's preset fills only the others.
         self = super().__new__(cls)
         positional = [f.name for f in dataclasses.fields(cls) if f.init and not f.kw_only][: len(args)]
-        object.__setattr__(self, "_explicit", frozenset(positional) | frozenset(kwargs))
+        object.__setattr__(self, "_given", frozenset(positional) | frozenset(kwargs))
         return self
+
+    def __post_init__(self) -> None:
+        given = self.__dict__.pop("_given", frozenset())
+        if self._not_given is None:  # built by the caller
+            not_given = {f.name: getattr(self, f.name) for f in config_fields(self) if f.name not in given}
+        else:  # dataclasses.replace: a field stays not given while it keeps its value
+            not_given = {name: value for name, value in self._not_given.items() if _same(getattr(self, name), value)}
+        object.__setattr__(self, "_not_given", MappingProxyType(not_given))
+        self.check_fields()
+        self._check_shared()
+
+    def explicit_fields(self) -> frozenset[str]:
+        """The fields the caller gave (to the constructor, or changed through ``dataclasses.replace``)."""
+        return frozenset(f.name for f in config_fields(self)) - frozenset(self._not_given)
+
+    def not_given(self) -> Mapping[str, object]:
+        """The fields the caller left out, with their current values (a preset may have set them)."""
+        return self._not_given
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         cls.__repr__ = MethodConfig.__repr__  # in the class's own dict: @dataclass keeps it
 
     def __repr__(self) -> str:
-        # The method's own fields first; the shared keyword-only ones only where they are not the default.
-        fields = sorted(dataclasses.fields(self), key=lambda f: f.kw_only)
-        parts = [f"{f.name}={getattr(self, f.name)!r}" for f in fields if f.repr and (
-            not f.kw_only or getattr(self, f.name) != f.default)]
+        # The ratio and the method's own fields; the shared ones only where they are not the default.
+        parts = [f"{f.name}={getattr(self, f.name)!r}" for f in config_fields(self) if f.repr and (
+            f.name == "ratio" or f.name not in SHARED_FIELDS or not _same(getattr(self, f.name), f.default))]
         return f"{type(self).__name__}({', '.join(parts)})"
 
-    def explicit_fields(self) -> frozenset[str]:
-        """The fields given to the constructor (``dataclasses.replace`` gives every field)."""
-        return getattr(self, "_explicit", frozenset(f.name for f in dataclasses.fields(self)))
-
-    def make_plan(self, x: torch.Tensor, ctx: PlanContext) -> MergePlan | None:  # pragma: no cover
-        raise NotImplementedError
-
-    def max_ratio(self) -> float:  # pragma: no cover
-        raise NotImplementedError
-
-    def _validate_common(self) -> None:
+    def _check_shared(self) -> None:
         check_range(self, "ratio", self.ratio, 0.0, self.max_ratio())
         if self.max_downsample not in (1, 2, 4, 8):
             raise ValueError(
                 f"{type(self).__name__}.max_downsample must be one of 1, 2, 4, 8 (levels from the first "
                 f"attention level), got {self.max_downsample!r}"
             )
-        if self.seed is not None and not isinstance(self.seed, int):
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"{type(self).__name__}.seed must be an int or None, got {self.seed!r}")
         _validate_layers(self)
         check_range(self, "temporal_ratio", self.temporal_ratio, 0.0, MAX_TEMPORAL_RATIO)
@@ -233,7 +301,7 @@ class MethodConfig:
         if self.share_plan not in SHARE_PLAN:
             raise ValueError(
                 f"{type(self).__name__}.share_plan must be one of {SHARE_PLAN} (plan per block, or one plan per "
-                f"U-Net level and denoiser call), got {self.share_plan!r}"
+                f"level and denoiser call), got {self.share_plan!r}"
             )
         min_tokens = self.min_tokens
         if min_tokens is not None and (isinstance(min_tokens, bool) or not isinstance(min_tokens, int)
@@ -242,7 +310,8 @@ class MethodConfig:
                 f"{type(self).__name__}.min_tokens must be None (the automatic floor for the device) or an int "
                 f">= 0 (blocks with fewer tokens are not merged; 0 merges every block), got {min_tokens!r}"
             )
-        for name in ("proportional_attention", "merge_queries", "count_pruned"):
+        for name in ("merge_attn", "merge_crossattn", "merge_mlp", "proportional_attention", "merge_queries",
+                     "count_pruned"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{type(self).__name__}.{name} must be True or False, got {getattr(self, name)!r}")
         if self.bias_via not in BIAS_VIA:
@@ -268,9 +337,19 @@ class MethodConfig:
                 "would be merged; enable at least one (merge_attn=True is the papers' setting)"
             )
 
-    def max_downsample_levels(self) -> int:
-        """How many attention levels, from the highest resolution down, are patched."""
-        return int(math.log2(self.max_downsample)) + 1
+
+#: The fields every method shares (declared on :class:`MethodConfig`), ``ratio`` included.
+SHARED_FIELDS = frozenset(f.name for f in dataclasses.fields(MethodConfig) if not f.name.startswith("_"))
+
+
+def config_fields(config: MethodConfig | type[MethodConfig]) -> list[dataclasses.Field]:
+    """A method config's fields, without the private record of which were given."""
+    return [f for f in dataclasses.fields(config) if not f.name.startswith("_")]
+
+
+def default_of(config: MethodConfig | type[MethodConfig], name: str) -> object:
+    """The class default of field ``name`` of a method config."""
+    return next(f.default for f in dataclasses.fields(config) if f.name == name)
 
 
 def _validate_layers(config: MethodConfig) -> None:

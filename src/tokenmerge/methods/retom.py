@@ -54,7 +54,7 @@ SOURCES = ("nearest", "mean")
 MAX_WINDOW = 32
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ReToM(MethodConfig):
     """Local Representative Token Guided Merging.
 
@@ -65,8 +65,9 @@ class ReToM(MethodConfig):
             ``[0, 1 - 1/w_min^2]`` where ``w_min`` is the smallest window side in use (0.75 for 2x2).
         window_sizes: window side at U-Net levels 0, 1, 2, ... (level 0 = full latent resolution) for the
             down/up blocks; levels past the end use the last entry. Default ``(2, 2, 4)``.
-        bottleneck_window: window side at the bottleneck, the lowest-resolution level
-            (``level == num_levels - 1``: the mid block, and on SDXL the deepest down/up blocks too).
+        bottleneck_window: window side at a U-Net's bottleneck, its lowest-resolution level
+            (``PlanContext.bottleneck``: the mid block, and on SDXL the deepest down/up blocks too). A
+            transformer has no bottleneck: its blocks use ``window_sizes[0]``.
         window: if set, this window side everywhere (Table I's "fixed window" rows: 2, 8, 16), overriding
             ``window_sizes`` and ``bottleneck_window``.
         alpha: weight of the destination in its slot, ``alpha * D + (1 - alpha) * mean(S)`` (Eq. 2), in
@@ -79,18 +80,14 @@ class ReToM(MethodConfig):
         sources: ``"mean"`` (default, the paper: Algorithm 1, line 14, ``S <- sim(x_i, W)[1:r]``): the ``r``
             tokens ranked next by mean in-window similarity; ``"nearest"``: the ``r`` tokens most similar
             (cosine) to the destination.
-        max_downsample: patch attention levels up to this downsampling (1, 2, 4 or 8), counted from the
-            highest-resolution level that has attention; 8 (default) = every transformer block, as the
+        max_downsample: as :class:`MethodConfig`'s, but 8 by default: every transformer block of a U-Net, as the
             paper (Sec. IV-A).
-        merge_attn: merge around self-attention (``attn1``).
-        merge_crossattn: merge the queries of cross-attention (``attn2``).
-        merge_mlp: merge around the feed-forward (``ff``).
-        seed: seed of the private generator for random destinations; None forks the global RNG at each pipeline
-            call (reproducible under ``torch.manual_seed``) without consuming it.
-        min_tokens: the merge floor; None (default) = automatic per device (see :class:`MethodConfig`).
+
+    The other shared fields are :class:`MethodConfig`'s.
     """
 
-    ratio: float = 0.5
+    name = "retom"
+
     window_sizes: tuple[int, ...] = (2, 2, 4)
     bottleneck_window: int = 8
     window: int | None = None
@@ -99,13 +96,8 @@ class ReToM(MethodConfig):
     destination: str = "representative"
     sources: str = "mean"
     max_downsample: int = 8
-    merge_attn: bool = True
-    merge_crossattn: bool = False
-    merge_mlp: bool = False
-    seed: int | None = None
-    min_tokens: int | None = None
 
-    def __post_init__(self) -> None:
+    def check_fields(self) -> None:
         sizes = self.window_sizes
         if isinstance(sizes, list):
             sizes = tuple(sizes)
@@ -129,7 +121,6 @@ class ReToM(MethodConfig):
             raise ValueError(f"ReToM.destination must be one of {DESTINATIONS}, got {self.destination!r}")
         if self.sources not in SOURCES:
             raise ValueError(f"ReToM.sources must be one of {SOURCES}, got {self.sources!r}")
-        self._validate_common()
 
     def max_ratio(self) -> float:
         # A full w x w window must keep its destination: r = floor(w^2 * ratio) <= w^2 - 1.
@@ -144,11 +135,11 @@ class ReToM(MethodConfig):
     def hold_steps(self) -> int:
         return max(self.period, self.plan_every)
 
-    def window_size(self, level: int, num_levels: int) -> int:
-        """The window side used at U-Net ``level`` of a U-Net with ``num_levels`` levels."""
+    def window_size(self, level: int, bottleneck: bool = False) -> int:
+        """The window side at ``level``, or at a U-Net's bottleneck."""
         if self.window is not None:
             return self.window
-        if level == num_levels - 1:
+        if bottleneck:
             return self.bottleneck_window
         return self.window_sizes[min(level, len(self.window_sizes) - 1)]
 
@@ -159,7 +150,7 @@ class ReToM(MethodConfig):
     def make_plan(self, x: torch.Tensor, ctx: PlanContext) -> MergePlan | None:
         batch = x.shape[0]
         height, width = ctx.grid
-        size = self.window_size(ctx.level, ctx.num_levels)
+        size = self.window_size(ctx.level, ctx.bottleneck)
         shapes = window_shapes(height, width, size)
         if all(self.tokens_merged(span_y * span_x) == 0 for _, span_y, _, span_x in shapes):
             return None

@@ -91,7 +91,7 @@ def patch_argmax(score: torch.Tensor, height: int, width: int, patch: int) -> to
     return token_in_cell(cells.argmax(dim=-1).reshape(batch, -1), height, width, patch, patch)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SiTo(MethodConfig):
     """Similarity-based token pruning (SiTo).
 
@@ -108,31 +108,20 @@ class SiTo(MethodConfig):
         base: base-token strategy of Table 3, by name or roman numeral: ``"topleft"`` (I),
             ``"random_global"`` (II), ``"simscore_global"`` (III), ``"random_patch"`` (IV),
             ``"simscore_patch"`` (V), ``"noisy_simscore_patch"`` (VI, SiTo's default).
-        max_downsample: patch attention levels up to this downsampling (1, 2, 4 or 8), counted from the
-            highest-resolution level that has attention: 1 = that level only (the paper's placement).
-        merge_attn: prune around self-attention (``attn1``), the paper's setting.
-        merge_crossattn: prune the queries of cross-attention (``attn2``); Table 2: costs FID, no speed.
-        merge_mlp: prune around the feed-forward (``ff``); Table 2: costs FID, no speed.
-        seed: seed of the private generator for the noise and random strategies; None forks the global RNG at each pipeline
-            call (reproducible under ``torch.manual_seed``) without consuming it.
-        share_plan: ``"block"`` (default; the paper's) or ``"level"`` (see :class:`MethodConfig`).
-        min_tokens: the merge floor; None (default) = automatic per device (see :class:`MethodConfig`).
+
+    The placement and the other shared fields are :class:`MethodConfig`'s; their defaults are the paper's
+    (self-attention of the highest-resolution level only; Table 2: pruning around cross-attention or the MLP costs
+    FID for no speed).
     """
 
-    ratio: float = 0.5
+    name = "sito"
+
     patch: int = 2
     sigma: float = 0.1
     sigma_relative: bool = False
     base: str = "noisy_simscore_patch"
-    max_downsample: int = 1
-    merge_attn: bool = True
-    merge_crossattn: bool = False
-    merge_mlp: bool = False
-    seed: int | None = None
-    min_tokens: int | None = None
-    share_plan: str = "block"
 
-    def __post_init__(self) -> None:
+    def check_fields(self) -> None:
         if isinstance(self.patch, bool) or not isinstance(self.patch, int) or not 2 <= self.patch <= 8:
             raise ValueError(
                 f"SiTo.patch must be an int in [2, 8] (one base token per patch x patch cell), got {self.patch!r}"
@@ -145,7 +134,6 @@ class SiTo(MethodConfig):
         if self.base not in BASE_STRATEGIES and self.base not in _BY_NUMERAL:
             choices = ", ".join(f"{name!r} ({numeral})" for name, numeral in BASE_STRATEGIES.items())
             raise ValueError(f"SiTo.base must be one of {choices} or the numeral, got {self.base!r}")
-        self._validate_common()
 
     @property
     def strategy(self) -> str:

@@ -61,7 +61,7 @@ import torch
 
 from ..plan import MergePlan, plan_from_matching
 from .base import MethodConfig, PlanContext
-from .tome import CellMethod, cell_matching, validate_cells
+from .tome import CellMethod, cell_matching, check_cells
 
 PRUNE_BLOCKS = ("down", "down_mid", "all", "none")
 
@@ -96,18 +96,17 @@ class MlerpPlan(MergePlan):
         return (rows.float() * scale[:, None]).to(x.dtype).view(b, m, c)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ToFu(CellMethod, MethodConfig):
     """Token Fusion: ToMeSD's matching, pruning in the early (down) blocks, MLERP merging in the later ones.
 
     Args:
         ratio: fraction of a block's tokens reduced (pruned or merged), in ``[0, 1 - 1/(sx*sy)]``.
-        prune_blocks: which blocks prune instead of merging: ``"down"`` (the ``down_blocks``; the mid and up
-            blocks merge: the paper's early/late split, our default), ``"down_mid"`` (the mid block prunes
-            too), ``"all"`` (pruning only) or ``"none"`` (merging only).
+        prune_blocks: which blocks prune instead of merging, by their stage in a U-Net: ``"down"`` (the encoder;
+            the mid and up blocks merge: the paper's early/late split, our default), ``"down_mid"`` (the mid block
+            prunes too), ``"all"`` (pruning only) or ``"none"`` (merging only). A transformer's blocks have no
+            U-Net stage and merge, except with ``"all"``.
         mlerp: merge with MLERP (mean direction, largest member norm) instead of the plain mean.
-        max_downsample: patch attention levels up to this downsampling (1, 2, 4 or 8), counted from the
-            highest-resolution level that has attention: 1 = that level only (ToMeSD's setting).
         sx: horizontal stride of the destination cells.
         sy: vertical stride of the destination cells.
         use_rand: draw each cell's destination at random (True) or use its top-left token. As in
@@ -116,56 +115,43 @@ class ToFu(CellMethod, MethodConfig):
         match_window: None (default; tomesd): every source is compared with every destination, ``O(N^2)``. An
             int ``w``: only with the destinations of the cells within ``w`` cells of its own in each direction
             (``(2w+1)^2`` candidates, ``O(N)``; outputs change unless the window covers the whole cell grid).
-        merge_attn: reduce around self-attention (``attn1``).
-        merge_crossattn: reduce the queries of cross-attention (``attn2``).
-        merge_mlp: reduce around the feed-forward (``ff``).
-        seed: seed of the private generator for the random destinations; None forks the global RNG at each pipeline
-            call (reproducible under ``torch.manual_seed``) without consuming it.
-        share_plan: ``"block"`` (default; ToMeSD's) or ``"level"`` (see :class:`MethodConfig`).
-        min_tokens: the merge floor; None (default) = automatic per device (see :class:`MethodConfig`).
+
+    The placement and the other shared fields are :class:`MethodConfig`'s (ToMeSD's defaults).
     """
 
-    ratio: float = 0.5
+    name = "tofu"
+
     prune_blocks: str = "down"
     mlerp: bool = True
-    max_downsample: int = 1
     sx: int = 2
     sy: int = 2
     use_rand: bool = True
     match: str = "features"
     match_window: int | None = None
-    merge_attn: bool = True
-    merge_crossattn: bool = False
-    merge_mlp: bool = False
-    seed: int | None = None
-    min_tokens: int | None = None
-    share_plan: str = "block"
 
-    def __post_init__(self) -> None:
+    def check_fields(self) -> None:
         if self.prune_blocks not in PRUNE_BLOCKS:
             raise ValueError(f"ToFu.prune_blocks must be one of {PRUNE_BLOCKS}, got {self.prune_blocks!r}")
-        for name in ("mlerp", "use_rand"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"ToFu.{name} must be True or False, got {getattr(self, name)!r}")
-        validate_cells(self)
+        if not isinstance(self.mlerp, bool):
+            raise ValueError(f"ToFu.mlerp must be True or False, got {self.mlerp!r}")
+        check_cells(self)
 
-    def share_key(self, block: str, level: int) -> tuple | None:
+    def share_key(self, level: int, stage: str) -> tuple | None:
         # Blocks of one level that prune and blocks that merge cannot share a plan.
-        key = super().share_key(block, level)
-        return None if key is None else (*key, self.prunes(block))
+        key = super().share_key(level, stage)
+        return None if key is None else (*key, self.prunes(stage))
 
-    def prunes(self, block: str) -> bool:
-        """Whether the block named ``block`` (a module path in the U-Net) prunes rather than merges."""
+    def prunes(self, stage: str) -> bool:
+        """Whether a block at ``stage`` (``PlanContext.stage``: ``"down"``, ``"mid"``, ``"up"``, ...) prunes."""
         if self.prune_blocks in ("all", "none"):
             return self.prune_blocks == "all"
-        stage = block.split(".", 1)[0]
-        return stage == "down_blocks" or (stage == "mid_block" and self.prune_blocks == "down_mid")
+        return stage == "down" or (stage == "mid" and self.prune_blocks == "down_mid")
 
     def make_plan(self, x: torch.Tensor, ctx: PlanContext) -> MergePlan | None:
         matching = cell_matching(x, ctx, self.ratio, self.sx, self.sy, self.use_rand, self.match, self.match_window)
         if matching is None:
             return None
-        prune = self.prunes(ctx.block)
+        prune = self.prunes(ctx.stage)
         plan = plan_from_matching(*matching, x.shape[1], prune=prune)
         if prune or not self.mlerp:
             return plan

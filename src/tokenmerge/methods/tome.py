@@ -42,14 +42,12 @@ class CellMethod:
         return self.uses_rng  # a new run reseeds the generator; nothing else depends on the step
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ToMe(CellMethod, MethodConfig):
     """Token Merging for Stable Diffusion (ToMeSD).
 
     Args:
         ratio: fraction of a block's tokens merged away, in ``[0, 1 - 1/(sx*sy)]`` (0.75 for 2x2).
-        max_downsample: patch attention levels up to this downsampling (1, 2, 4 or 8), counted from the
-            highest-resolution level that has attention: 1 = that level only (the paper's setting).
         sx: horizontal stride of the destination cells.
         sy: vertical stride of the destination cells.
         use_rand: draw each cell's destination at random (True) or use its top-left token. As in
@@ -59,40 +57,28 @@ class ToMe(CellMethod, MethodConfig):
         match_window: None (default; tomesd): every source is compared with every destination, ``O(N^2)``. An
             int ``w``: only with the destinations of the cells within ``w`` cells of its own in each direction
             (``(2w+1)^2`` candidates, ``O(N)``; outputs change unless the window covers the whole cell grid).
-        merge_attn: merge around self-attention (``attn1``).
-        merge_crossattn: merge the queries of cross-attention (``attn2``).
-        merge_mlp: merge around the feed-forward (``ff``).
-        seed: seed of the private generator for the random destinations; None forks the global RNG at each pipeline
-            call (reproducible under ``torch.manual_seed``) without consuming it.
-        share_plan: ``"block"`` (default; tomesd's semantics) or ``"level"`` (see :class:`MethodConfig`).
-        min_tokens: the merge floor; None (default) = automatic per device (see :class:`MethodConfig`).
+
+    The placement and the other shared fields are :class:`MethodConfig`'s; their defaults are tomesd's.
     """
 
-    ratio: float = 0.5
-    max_downsample: int = 1
+    name = "tome"
+
     sx: int = 2
     sy: int = 2
     use_rand: bool = True
     match: str = "features"
     match_window: int | None = None
-    merge_attn: bool = True
-    merge_crossattn: bool = False
-    merge_mlp: bool = False
-    seed: int | None = None
-    min_tokens: int | None = None
-    share_plan: str = "block"
 
-    def __post_init__(self) -> None:
-        validate_cells(self)
-        self._validate_common()
+    def check_fields(self) -> None:
+        check_cells(self)
 
     def make_plan(self, x: torch.Tensor, ctx: PlanContext) -> MergePlan | None:
         matching = cell_matching(x, ctx, self.ratio, self.sx, self.sy, self.use_rand, self.match, self.match_window)
         return None if matching is None else plan_from_matching(*matching, x.shape[1])
 
 
-def validate_cells(config: MethodConfig) -> None:
-    """Validate the ``sx``/``sy`` cell strides and the common fields of a cell-matching config."""
+def check_cells(config: MethodConfig) -> None:
+    """Check the fields of a cell-matching config: the ``sx``/``sy`` strides, ``use_rand``, the matching."""
     name = type(config).__name__
     for field_name in ("sx", "sy"):
         value = getattr(config, field_name)
@@ -100,9 +86,10 @@ def validate_cells(config: MethodConfig) -> None:
             raise ValueError(f"{name}.{field_name} must be an int in [1, 8], got {value!r}")
     if config.sx * config.sy == 1:
         raise ValueError(f"{name}: sx * sy must be at least 2 (a 1x1 cell leaves no token to merge); use sx=2, sy=2")
+    if not isinstance(config.use_rand, bool):
+        raise ValueError(f"{name}.use_rand must be True or False, got {config.use_rand!r}")
     check_match(config)
     check_match_window(config)
-    config._validate_common()
 
 
 def cell_matching(x: torch.Tensor, ctx: PlanContext, ratio: float, sx: int, sy: int, use_rand: bool,

@@ -3,11 +3,12 @@ the token grid of each, how to read the denoiser's inputs and output, and its fa
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .base import Adapter, PatchTarget
 
-__all__ = ["Adapter", "PatchTarget", "adapter_for", "adapters"]
+__all__ = ["Adapter", "PatchTarget", "adapter_for", "adapters", "example_inputs"]
 
 
 def adapters() -> tuple[type[Adapter], ...]:
@@ -17,7 +18,7 @@ def adapters() -> tuple[type[Adapter], ...]:
     from .unet import UNetAdapter
     from .zero123pp import Zero123PlusAdapter
 
-    return (UNetAdapter, AnimateDiffAdapter, Zero123PlusAdapter, PixArtAdapter, DiTAdapter)
+    return (AnimateDiffAdapter, Zero123PlusAdapter, UNetAdapter, PixArtAdapter, DiTAdapter)
 
 
 def adapter_for(denoiser: nn.Module) -> Adapter:
@@ -30,3 +31,10 @@ def adapter_for(denoiser: nn.Module) -> Adapter:
         f"tokenmerge does not support {type(denoiser).__name__}: supported denoisers are {supported}. "
         "Pass a diffusers pipeline (e.g. StableDiffusionPipeline) or its denoiser (pipe.unet / pipe.transformer)."
     )
+
+
+def example_inputs(denoiser: nn.Module, size: int | tuple[int, int], images: int = 1,
+                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                   seed: int = 0) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of one call of ``denoiser`` as its family's pipeline makes it (:meth:`Adapter.example_inputs`)."""
+    return adapter_for(denoiser).example_inputs(size, images, device, dtype, seed)

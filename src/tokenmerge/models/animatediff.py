@@ -15,6 +15,8 @@ own rule (importance pool, pruning) is spatial only; the paper does not say how 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -22,8 +24,11 @@ from ..hooks import BlockPatch, _first_tensor
 from ..methods.base import PlanContext
 from ..methods.tome import cell_matching
 from ..plan import DEVICE_RNG, plan_from_matching
-from .base import PatchTarget
+from .base import ExampleShape, PatchTarget
 from .unet import UNetAdapter, unet_targets
+
+#: Frames per video of the example inputs (the motion adapters' training length).
+VIDEO_FRAMES = 16
 
 
 def _is_motion(name: str) -> bool:
@@ -52,8 +57,8 @@ class AnimateDiffAdapter(UNetAdapter):
         if config.temporal_ratio <= 0:
             return []
         levels = {t.level for t in self.targets(config)}
-        return [PatchTarget(t.name, t.block, t.level, temporal=True)
-                for t in unet_targets(self.unet, keep=_is_motion) if t.level in levels]
+        return [dataclasses.replace(t, temporal=True) for t in unet_targets(self.unet, keep=_is_motion)
+                if t.level in levels]
 
     def check(self, config) -> None:
         if config.layers is not None:
@@ -72,6 +77,14 @@ class AnimateDiffAdapter(UNetAdapter):
             return num_tokens, 1  # the frames of one latent pixel, a column
         return super().grid(latent_hw, target, num_tokens)
 
+    def _example(self, s: ExampleShape) -> tuple[tuple, dict]:
+        """A 5-D latent ``(batch, C, frames, H, W)`` of ``VIDEO_FRAMES`` frames; the text states repeated per frame
+        (``batch * frames`` rows), as ``AnimateDiffPipeline`` passes them."""
+        config = self.unet.config
+        latent = s.randn(s.batch, config.in_channels, VIDEO_FRAMES, *s.latent)
+        text = s.text(config.cross_attention_dim).repeat_interleave(VIDEO_FRAMES, dim=0)
+        return (latent, torch.tensor(500), text), {}
+
     @staticmethod
     def prediction(output: object) -> torch.Tensor:
         """The noise ``(B, C, F, H, W)`` folded as the spatial blocks see it: ``(B * F, C, H, W)``."""
@@ -87,7 +100,7 @@ class TemporalPatch(BlockPatch):
         state = self.state
         x = _first_tensor(args, kwargs)
         ctx = PlanContext(grid=(x.shape[1], 1), generator=DEVICE_RNG, block=self.target.name,
-                          level=self.target.level, num_levels=state.adapter.num_levels)
+                          level=self.target.level, stage=self.target.stage)
         with torch.no_grad():
             matching = cell_matching(x.detach(), ctx, state.config.temporal_ratio, sx=1, sy=2, use_rand=True)
         self.plan = None if matching is None else plan_from_matching(*matching, x.shape[1])

@@ -7,7 +7,7 @@ the predicted noise is in its output, and which family preset (:mod:`tokenmerge.
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,15 +16,44 @@ from torch import nn
 
 @dataclass(frozen=True)
 class PatchTarget:
-    """One transformer block to patch and the level of resolution it runs at.
+    """One transformer block to patch, and where it sits: what a method may know of the denoiser's layout.
 
-    ``temporal``: a motion-module block of a video U-Net, whose tokens are the frames of one latent pixel.
+    Attributes:
+        name: the block's module path in the denoiser.
+        block: the block.
+        level: the level of resolution it runs at (0 = the latent's; a transformer has one level).
+        stage: ``"down"``, ``"mid"`` or ``"up"`` in a U-Net, ``"blocks"`` in a transformer (``PlanContext.stage``).
+        bottleneck: True at a U-Net's lowest resolution (``PlanContext.bottleneck``).
+        temporal: a motion-module block of a video U-Net, whose tokens are the frames of one latent pixel.
     """
 
     name: str
     block: nn.Module
     level: int
+    stage: str = "blocks"
+    bottleneck: bool = False
     temporal: bool = False
+
+
+@dataclass(frozen=True)
+class ExampleShape:
+    """What a family's example-input builder needs: the image size, the batch and a seeded ``randn``."""
+
+    height: int
+    width: int
+    batch: int
+    device: torch.device
+    dtype: torch.dtype
+    randn: Callable[..., torch.Tensor]
+    text_tokens: int
+
+    @property
+    def latent(self) -> tuple[int, int]:
+        return self.height // 8, self.width // 8
+
+    def text(self, width: int) -> torch.Tensor:
+        """Random text-encoder states of the family's prompt length (CLIP 77, PixArt's T5 120)."""
+        return self.randn(self.batch, self.text_tokens, width)
 
 
 class Adapter:
@@ -37,7 +66,10 @@ class Adapter:
     importance_channels = slice(None)
     #: True when the family's CFG batch is ``[cond; uncond]`` (DiT) rather than ``[uncond; cond]``.
     cond_first = False
-    num_levels = 1
+    #: Whether the family's pipelines batch classifier-free guidance (example inputs hold ``2 x images``).
+    guided = True
+    #: Prompt length of the family's text encoder, for example inputs (CLIP: 77).
+    text_tokens = 77
 
     def __init__(self, denoiser: nn.Module) -> None:
         self.denoiser = denoiser
@@ -95,6 +127,27 @@ class Adapter:
             "importance='cfg' (with classifier-free guidance) or pass a map: importance=<tensor or callable>."
         )
 
+    def example_inputs(self, size: int | tuple[int, int], images: int = 1, device: torch.device | str = "cpu",
+                       dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` of one denoiser call on ``images`` images of ``size`` pixels, as the family's pipeline
+        makes them: a CFG batch of ``2 x images`` where the family guides, random values from ``seed``.
+
+        ``size`` is one side of a square or ``(height, width)``; the latent is ``size / 8``. The latent goes first
+        and positionally (tomesd reads ``args[0]``). For ``tokenmerge bench``, ``auto_ratio`` and FLOP counts on
+        the meta device (random weights and inputs cost what real ones do).
+        """
+        height, width = (size, size) if isinstance(size, int) else size
+        generator = torch.Generator().manual_seed(seed)
+
+        def randn(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=generator).to(device, dtype)
+
+        batch = 2 * images if self.guided else images
+        return self._example(ExampleShape(height, width, batch, torch.device(device), dtype, randn, self.text_tokens))
+
+    def _example(self, s: ExampleShape) -> tuple[tuple, dict]:  # pragma: no cover
+        raise NotImplementedError
+
     @staticmethod
     def read_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, object]:
         """The latent and the timestep from the denoiser call ``(sample, timestep, ...)``."""
@@ -107,7 +160,3 @@ class Adapter:
         """The predicted noise ``(B, C, H, W)`` from the denoiser's return value."""
         return output[0] if isinstance(output, (tuple, list)) else output.sample
 
-
-def default_of(config, name: str):
-    """The class default of field ``name`` of a method config."""
-    return next(f.default for f in dataclasses.fields(config) if f.name == name)

@@ -19,7 +19,8 @@ import math
 import torch
 from torch import nn
 
-from .base import Adapter, PatchTarget, default_of
+from ..methods.base import default_of
+from .base import Adapter, ExampleShape, PatchTarget
 
 
 class TransformerAdapter(Adapter):
@@ -58,6 +59,14 @@ class TransformerAdapter(Adapter):
             )
         super().check(config)
 
+    def example_inputs(self, size: int | tuple[int, int], *args, **kwargs) -> tuple[tuple, dict]:
+        height, width = (size, size) if isinstance(size, int) else size
+        step = 8 * self.patch_size
+        if height % step or width % step:
+            raise ValueError(f"{type(self.denoiser).__name__}: size {size} is not a multiple of {step} pixels "
+                             f"(VAE factor 8 x patch size {self.patch_size})")
+        return super().example_inputs(size, *args, **kwargs)
+
     def grid(self, latent_hw: tuple[int, int], target: PatchTarget, num_tokens: int) -> tuple[int, int]:
         height, width = latent_hw[0] // self.patch_size, latent_hw[1] // self.patch_size
         if height * width != num_tokens:
@@ -78,6 +87,16 @@ class PixArtAdapter(TransformerAdapter):
     family = "pixart"
     class_name = "PixArtTransformer2DModel"
     description = "PixArtTransformer2DModel (PixArt-alpha, PixArt-Sigma)"
+    text_tokens = 120  # T5
+
+    def _example(self, s: ExampleShape) -> tuple[tuple, dict]:
+        """Latent, T5 states, timestep, and the resolution / aspect-ratio conditions."""
+        config = self.denoiser.config
+        conditions = {"resolution": torch.tensor([[s.height, s.width]] * s.batch, dtype=s.dtype, device=s.device),
+                      "aspect_ratio": torch.ones(s.batch, 1, dtype=s.dtype, device=s.device)}
+        timestep = torch.full((s.batch,), 500, device=s.device)
+        return (s.randn(s.batch, config.in_channels, *s.latent), s.text(config.caption_channels), timestep), {
+            "added_cond_kwargs": conditions}
 
     @staticmethod
     def read_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, object]:
@@ -92,6 +111,13 @@ class DiTAdapter(TransformerAdapter):
     class_name = "DiTTransformer2DModel"
     description = "DiTTransformer2DModel (DiT, class-conditional)"
     cond_first = True
+
+    def _example(self, s: ExampleShape) -> tuple[tuple, dict]:
+        """Class-conditional, ``[cond; null class]`` as ``DiTPipeline`` batches it."""
+        images = s.batch // 2
+        labels = torch.tensor([1] * images + [1000] * images, device=s.device)
+        latent = s.randn(s.batch, self.denoiser.config.in_channels, *s.latent)
+        return (latent, torch.full((s.batch,), 500, device=s.device), labels), {}
 
     @staticmethod
     def read_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, object]:

@@ -10,26 +10,27 @@ family: it runs without classifier-free guidance, so its preset takes importance
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from .base import Adapter, PatchTarget
+from .base import Adapter, ExampleShape, PatchTarget
 
 __all__ = ["PatchTarget", "UNetAdapter", "unet_targets"]
 
 
 def unet_targets(unet: nn.Module, keep=lambda name: True) -> list[PatchTarget]:
-    """Every ``BasicTransformerBlock`` of a U-Net whose name passes ``keep``, with the level it runs at."""
+    """Every ``BasicTransformerBlock`` of a U-Net whose name passes ``keep``, with its level and stage."""
     depth = len(unet.down_blocks)
-    stages = [(block, i) for i, block in enumerate(unet.down_blocks)]
+    stages = [(block, i, "down") for i, block in enumerate(unet.down_blocks)]
     if unet.mid_block is not None:
-        stages.append((unet.mid_block, depth - 1))
-    stages += [(block, depth - 1 - i) for i, block in enumerate(unet.up_blocks)]
+        stages.append((unet.mid_block, depth - 1, "mid"))
+    stages += [(block, depth - 1 - i, "up") for i, block in enumerate(unet.up_blocks)]
     names = {id(module): name for name, module in unet.named_modules()}
     targets = []
-    for stage, level in stages:
+    for stage, level, stage_name in stages:
         for module in stage.modules():
             if type(module).__name__ == "BasicTransformerBlock" and keep(names[id(module)]):
-                targets.append(PatchTarget(names[id(module)], module, level))
+                targets.append(PatchTarget(names[id(module)], module, level, stage_name, level == depth - 1))
     return targets
 
 
@@ -39,9 +40,9 @@ class UNetAdapter(Adapter):
     def __init__(self, denoiser: nn.Module) -> None:
         super().__init__(denoiser)
         self.unet = denoiser
-        self.num_levels = len(denoiser.down_blocks)
         if getattr(denoiser.config, "time_cond_proj_dim", None):
             self.family = "lcm"
+            self.guided = False  # a consistency model runs without classifier-free guidance
 
     @staticmethod
     def handles(denoiser: nn.Module) -> bool:
@@ -81,3 +82,20 @@ class UNetAdapter(Adapter):
                 f"latent gives a {height}x{width} grid at level {target.level}; this U-Net layout is not supported"
             )
         return height, width
+
+    def _example(self, s: ExampleShape) -> tuple[tuple, dict]:
+        """Latent, CPU timestep, CLIP states; SDXL adds its pooled embedding and size ids, LCM its guidance embedding.
+
+        The timestep is a CPU tensor: tokenmerge's step clock reads it without a device-to-host sync, and the U-Net
+        copies it to the device first thing in its forward.
+        """
+        config, kwargs = self.unet.config, {}
+        if config.addition_embed_type == "text_time":  # SDXL: pooled text embedding and 6 size/crop ids
+            pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+            time_ids = torch.tensor([s.height, s.width, 0, 0, s.height, s.width], dtype=s.dtype, device=s.device)
+            kwargs["added_cond_kwargs"] = {"text_embeds": s.randn(s.batch, pooled),
+                                           "time_ids": time_ids.expand(s.batch, 6)}
+        if getattr(config, "time_cond_proj_dim", None):  # LCM: the guidance-scale embedding
+            kwargs["timestep_cond"] = s.randn(s.batch, config.time_cond_proj_dim)
+        latent = s.randn(s.batch, config.in_channels, *s.latent)
+        return (latent, torch.tensor(500), s.text(config.cross_attention_dim)), kwargs

@@ -22,11 +22,13 @@ from __future__ import annotations
 from torch import nn
 
 from ..hooks import BlockPatch
-from .base import PatchTarget
+from .base import ExampleShape, PatchTarget
 from .unet import UNetAdapter
 
 #: The ``cross_attention_kwargs["mode"]`` of the reference pass (Zero123++'s convention).
 REFERENCE_MODE = "w"
+#: The condition image's side in pixels (its reference pass runs on 40x40 latents).
+REFERENCE_SIZE = 320
 
 
 class Zero123PlusAdapter(UNetAdapter):
@@ -69,6 +71,14 @@ class Zero123PlusAdapter(UNetAdapter):
 
     def make_patch(self, state, target: PatchTarget):
         return ReferencePatch(state, target)
+
+    def _example(self, s: ExampleShape) -> tuple[tuple, dict]:
+        """The six views tiled in one latent (960x640 px natively), CLIP-sized conditioning states, and the reference
+        latent of the 320x320 condition image (``cross_attention_kwargs["cond_lat"]``), which the wrapper runs first."""
+        args, kwargs = super()._example(s)
+        config = self.unet.config
+        reference = s.randn(s.batch, config.in_channels, REFERENCE_SIZE // 8, REFERENCE_SIZE // 8)
+        return args, {**kwargs, "cross_attention_kwargs": {"cond_lat": reference}}
 
 
 class ReferencePatch(BlockPatch):
