@@ -11,7 +11,8 @@ import argparse
 import torch
 
 import tokenmerge
-from tokenmerge import bench
+from tokenmerge.tools import bench
+from tokenmerge.models import example_inputs
 
 
 def main() -> None:
@@ -26,7 +27,7 @@ def main() -> None:
     for model in args.models.split(","):
         denoiser = bench.build_denoiser(bench.model_config(model), meta, torch.float32)
         size = bench.MODELS[model].gpu_sizes[0]
-        inputs, kwargs = bench.step_inputs(denoiser, size, 1, meta, torch.float32)
+        inputs, kwargs = example_inputs(denoiser, size, 1, meta, torch.float32)
 
         def step() -> None:
             with torch.no_grad():

@@ -3,7 +3,7 @@
     python benchmarks/frontier.py EVAL/results.json BENCH/bench.csv OUT.png [--metric psnr]
 
 Each eval row (method, its attention fields, ratio) is matched with the bench row of the same method, attention
-mode named explicitly (``bench --attention plain,sized,kv+sized``: ``cli.ATTENTION_MODES``) and ratio; rows with
+mode named explicitly (``bench --attention plain,sized,kv+sized``: ``tokenmerge.tools.options.ATTENTION_MODES``) and ratio; rows with
 other fields changed have no bench twin and are left out. Plots one curve per method and mode (its ratios), prints the points, and names
 the Pareto-optimal configurations (none other is both faster and closer to the unpatched images).
 """
@@ -18,8 +18,8 @@ import math
 import sys
 from pathlib import Path
 
-from tokenmerge.cli import ATTENTION_MODES
-from tokenmerge.evaluate import parse_methods
+from tokenmerge.tools.cli import ATTENTION_MODES
+from tokenmerge.tools.evaluate import parse_methods
 
 
 def attention_mode(method: str, ratio: float) -> tuple[str, str] | None:

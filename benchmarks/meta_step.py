@@ -24,7 +24,8 @@ from torch.overrides import TorchFunctionMode
 
 import tokenmerge
 from plan_cost import CountOps
-from tokenmerge import bench
+from tokenmerge.tools import bench
+from tokenmerge.models import example_inputs
 
 
 class FusedAttention(TorchFunctionMode):
@@ -65,7 +66,7 @@ def main() -> None:
     for model in args.models.split(","):
         denoiser = bench.build_denoiser(bench.model_config(model), meta, dtype)
         for size in bench.size_list(args.sizes):
-            inputs, kwargs = bench.step_inputs(denoiser, size, 1, meta, dtype)
+            inputs, kwargs = example_inputs(denoiser, size, 1, meta, dtype)
 
             def step() -> None:
                 with torch.no_grad():

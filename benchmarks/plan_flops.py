@@ -15,7 +15,9 @@ import argparse
 import torch
 
 import tokenmerge
-from tokenmerge import ImportanceMerge, ToMe, bench
+from tokenmerge import ImportanceMerge, ToMe
+from tokenmerge.tools import bench
+from tokenmerge.models import example_inputs
 
 
 def main() -> None:
@@ -32,7 +34,7 @@ def main() -> None:
           "FLOP bound (level) | plans' share of the step's FLOPs (block / level) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for size in map(int, args.sizes.split(",")):
-        inputs, kwargs = bench.step_inputs(unet, size, 1, meta, torch.float32)
+        inputs, kwargs = example_inputs(unet, size, 1, meta, torch.float32)
 
         def step() -> None:
             with torch.no_grad():

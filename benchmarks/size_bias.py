@@ -18,7 +18,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from tokenmerge import ToMe
-from tokenmerge.cli import ATTENTION_MODES
+from tokenmerge.tools.cli import ATTENTION_MODES
 from tokenmerge.hooks import BlockPatch
 from tokenmerge.methods.base import PlanContext
 from tokenmerge.models.base import PatchTarget

@@ -11,7 +11,7 @@ out=${1:?usage: speed_gpu.sh OUT_DIR plans|sdxl|families|compiled|floor [BASELIN
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-bench() { name=$1; shift; python3 -m tokenmerge.cli bench --dtype float16 --repeats 5 --warmup 2 --out "$out/$name" "$@" ${BENCH_ARGS:-} \
+bench() { name=$1; shift; python3 -m tokenmerge.tools.cli bench --dtype float16 --repeats 5 --warmup 2 --out "$out/$name" "$@" ${BENCH_ARGS:-} \
     2>&1 | grep -v -e "round .* done" | tee "$out/$name.log"; }
 
 case $part in

@@ -15,7 +15,7 @@ python3 benchmarks/testbed_samplers.py "$work/testbed" --count 500 --save-best 2
 tar -C "$work" -cf "$out/testbed.tar" testbed
 methods="tome,importance,importance[dst_selection=topk]:0.7,importance[independent_from=all]:0.7,retom,sito,tofu"
 for split in $splits; do
-    python3 -m tokenmerge.cli eval --model "$work/testbed" --methods "$methods" --ratios 0.5,0.6,0.7,0.75 \
+    python3 -m tokenmerge.tools.cli eval --model "$work/testbed" --methods "$methods" --ratios 0.5,0.6,0.7,0.75 \
         --split "$split" --count 500 --batch 250 --out "$work/eval-$split" --device cuda --no-progress \
         2>&1 | grep -v -e "Loading" | tee "$out/eval-$split.log"
     tar -C "$work" -cf "$out/eval-$split.tar" "eval-$split"

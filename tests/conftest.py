@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenmerge.tiny import KINDS, tiny_unet
+from tokenmerge.tools.tiny import KINDS, tiny_unet
 
 
 def unet_inputs(unet, batch: int = 2, height: int = 16, width: int = 16, seed: int = 0, dtype=torch.float32):

@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 import tokenmerge
-from tokenmerge import bench, cli
+from tokenmerge.tools import bench, cli
+from tokenmerge.models import example_inputs
 from tokenmerge.models.animatediff import VIDEO_FRAMES
-from tokenmerge.tiny import tiny_unet
+from tokenmerge.tools.tiny import tiny_unet
 
 
 def run_bench(out: Path, *options: str) -> list[dict]:
@@ -102,7 +103,7 @@ def test_zero123pp_runs_its_reference_pass_and_merges_the_tiled_views(tmp_path):
         assert views[method]["status"] == "ok" and float(views[method]["flop_bound"]) > 1
     assert "--sizes 192x128" in (tmp_path / "bench.md").read_text()
     wrapper = bench.build_denoiser(bench.model_config("zero123pp", tiny=True), "cpu", torch.float32)
-    args, kwargs = bench.step_inputs(wrapper, (192, 128), 1, torch.device("cpu"), torch.float32)
+    args, kwargs = example_inputs(wrapper, (192, 128), 1, torch.device("cpu"), torch.float32)
     assert args[0].shape == (2, 4, 24, 16) and kwargs["cross_attention_kwargs"]["cond_lat"].shape == (2, 4, 40, 40)
     assert bench.size_list("512, 960x640") == (512, (960, 640))
     with pytest.raises(argparse.ArgumentTypeError, match="height x width"):
@@ -111,11 +112,11 @@ def test_zero123pp_runs_its_reference_pass_and_merges_the_tiled_views(tmp_path):
 
 def test_family_step_inputs_and_the_lcm_importance_preset():
     lcm = bench.build_denoiser(bench.model_config("lcm", tiny=True), "cpu", torch.float32)
-    args, kwargs = bench.step_inputs(lcm, 128, 2, torch.device("cpu"), torch.float32)
+    args, kwargs = example_inputs(lcm, 128, 2, torch.device("cpu"), torch.float32)
     assert args[0].shape == (2, 4, 16, 16) and args[2].shape == (2, 77, 32)  # no CFG: batch = images
     assert kwargs["timestep_cond"].shape == (2, lcm.config.time_cond_proj_dim)
     video = bench.build_denoiser(bench.model_config("animatediff", tiny=True), "cpu", torch.float32)
-    args, kwargs = bench.step_inputs(video, 128, 1, torch.device("cpu"), torch.float32)
+    args, kwargs = example_inputs(video, 128, 1, torch.device("cpu"), torch.float32)
     assert args[0].shape == (2, 4, VIDEO_FRAMES, 16, 16) and kwargs == {}  # CFG batch of 2, 16 frames
     assert args[2].shape == (2 * VIDEO_FRAMES, 77, 32)  # text per frame, as AnimateDiffPipeline passes it
     cpu = torch.device("cpu")
@@ -202,7 +203,7 @@ def test_the_cli_has_the_bench_command():
 def test_defaults_follow_the_device():
     parser = argparse.ArgumentParser()
     bench.register(parser.add_subparsers())
-    args = bench.resolve(parser.parse_args(["bench"]), pytest.fail)
+    args = bench.complete_args(parser.parse_args(["bench"]), pytest.fail)
     assert (args.device.type, args.dtype, args.models, args.ratios, args.repeats) == (
         "cpu", torch.float32, ("sd15",), (0.5,), 3)
     assert bench.sizes_for("sd15", args) == (512,) and bench.sizes_for("sdxl", args) == (1024,)
@@ -305,7 +306,7 @@ def test_flops_are_counted_on_the_meta_device_for_a_method_that_follows_the_run(
     """DiT's timestep is a device tensor: on 'meta' it has no value, and the step clock counts calls instead."""
     meta = torch.device("meta")
     dit = bench.build_denoiser(bench.model_config("dit", tiny=True), meta, torch.float32)
-    inputs, kwargs = bench.step_inputs(dit, 128, 1, meta, torch.float32)
+    inputs, kwargs = example_inputs(dit, 128, 1, meta, torch.float32)
 
     def step():
         with torch.no_grad():

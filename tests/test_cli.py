@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tokenmerge import cli, viz
-from tokenmerge.tiny import save_tiny_pipeline
+from tokenmerge.tools import cli, viz
+from tokenmerge.tools.tiny import save_tiny_pipeline
 
 SMALL_RUN = ["--prompt", "a red circle", "--steps", "4", "--seed", "0", "--height", "64", "--width", "64"]
 
@@ -30,7 +30,7 @@ def generate(model: Path | str, out: Path, *options: str) -> dict:
 def test_compare_writes_both_images_the_comparison_the_maps_and_the_summary(tiny_model, tmp_path, capsys):
     summary = generate(tiny_model, tmp_path, "--method", "importance", "--ratio", "0.7", "--compare",
                        "--map-steps", "0,3")
-    assert [(run["method"], run["ratio"]) for run in summary["runs"]] == [("none", None), ("importance", 0.7)]
+    assert [(run["method"], run["ratio"]) for run in summary["runs"]] == [("unpatched", None), ("importance", 0.7)]
     assert all(run["seconds"] > 0 for run in summary["runs"]) and "ImportanceMerge(ratio=0.7" in summary["config"]
     for run in summary["runs"]:
         assert Image.open(tmp_path / run["image"]).size == (64, 64)
@@ -47,10 +47,10 @@ def test_compare_writes_both_images_the_comparison_the_maps_and_the_summary(tiny
 
 def test_method_none_writes_one_image_and_no_maps(tiny_model, tmp_path):
     summary = generate(tiny_model, tmp_path, "--method", "none", "--compare")
-    assert summary["runs"] == [{"method": "none", "ratio": None, "seconds": summary["runs"][0]["seconds"],
-                                "image": "none.png"}]
+    assert summary["runs"] == [{"method": "unpatched", "ratio": None, "seconds": summary["runs"][0]["seconds"],
+                                "image": "unpatched.png"}]
     assert summary["config"] == "None"
-    assert Image.open(tmp_path / "none.png").size == (64, 64)
+    assert Image.open(tmp_path / "unpatched.png").size == (64, 64)
     assert not (tmp_path / "compare.png").exists() and not list(tmp_path.glob("maps_*.png"))
 
 

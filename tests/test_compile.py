@@ -15,7 +15,7 @@ import torch
 
 import tokenmerge
 from tokenmerge import ImportanceMerge, ReToM, SiTo, ToFu, ToMe
-from tokenmerge.tiny import tiny_pipeline
+from tokenmerge.tools.tiny import tiny_pipeline
 
 from .conftest import run, unet_inputs
 

@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from tokenmerge import cli
+from tokenmerge.tools import cli
 
 
 def test_demo_writes_table_and_figure(tmp_path, capsys):
     cli.main(["demo", "--prompts", "2", "--steps", "3", "--out", str(tmp_path), "--device", "cpu"])
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [(row["method"], row["ratio"]) for row in rows] == [
-        ("none", None), ("tome[min_tokens=0]", 0.75), ("importance[min_tokens=0]", 0.75)]
+        ("unpatched", None), ("tome[min_tokens=0]", 0.75), ("importance[min_tokens=0]", 0.75)]
     assert all(row["n"] == 2 and 0 <= row["accuracy"] <= 1 for row in rows)
     assert (tmp_path / "demo.png").stat().st_size > 0 and (tmp_path / "maps_importance.png").exists()
     assert "| importance[min_tokens=0] | 0.75 |" in capsys.readouterr().out

@@ -15,11 +15,12 @@ from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 
-from tokenmerge import ImportanceMerge, cli, evaluate
+from tokenmerge import ImportanceMerge
+from tokenmerge.tools import cli, evaluate
 from tokenmerge.testbed.data import ATTRIBUTES, make_batch, sample_scenes
 from tokenmerge.testbed.judge import load_judge, to_tensor
 from tokenmerge.testbed import pipeline as testbed_pipeline
-from tokenmerge.tiny import save_tiny_pipeline
+from tokenmerge.tools.tiny import save_tiny_pipeline
 
 SMALL = ["--count", "4", "--seeds", "0", "--steps", "2", "--no-progress"]
 
@@ -59,9 +60,9 @@ def test_api_writes_every_file_with_one_row_per_method_ratio_plus_unpatched(api_
         assert (out / name).is_file() and (out / name).stat().st_size > 0
         assert result.files[name] == out / name
     labels = [(row["method"], row["ratio"]) for row in result.rows]
-    assert labels == [("none", None), ("tome", 0.5), ("importance", 0.5)]
+    assert labels == [("unpatched", None), ("tome", 0.5), ("importance", 0.5)]
     assert [(row["method"], row["ratio"]) for row in read_csv(out / "results.csv")] == [
-        ("none", ""), ("tome", "0.5"), ("importance", "0.5")]
+        ("unpatched", ""), ("tome", "0.5"), ("importance", "0.5")]
     payload = json.loads((out / "results.json").read_text())
     assert len(payload["rows"]) == 3 and payload["settings"]["count"] == 4
     table = (out / "results.md").read_text()
@@ -73,7 +74,7 @@ def test_api_writes_every_file_with_one_row_per_method_ratio_plus_unpatched(api_
 
 def test_unpatched_is_compared_with_itself_and_methods_with_it(api_run):
     result, out, _ = api_run
-    reference = result.row("none")
+    reference = result.row("unpatched")
     assert reference["psnr"] is None or reference["psnr"] == math.inf
     assert reference["ssim"] == pytest.approx(1.0, abs=1e-5) and reference["speedup"] == 1.0
     assert json.loads((out / "results.json").read_text())["rows"][0]["psnr"] in (None, "inf")  # strict JSON
@@ -106,7 +107,7 @@ def test_cli_eval_on_the_testbed(testbed_dir, tmp_path, capsys):
     cli.main(["eval", "--model", str(testbed_dir), "--methods", "tome,sito", "--ratios", "0.5", "--split", "heldout",
               *SMALL, "--out", str(tmp_path)])
     rows = read_csv(tmp_path / "results.csv")
-    assert [(row["method"], row["ratio"]) for row in rows] == [("none", ""), ("tome", "0.5"), ("sito", "0.5")]
+    assert [(row["method"], row["ratio"]) for row in rows] == [("unpatched", ""), ("tome", "0.5"), ("sito", "0.5")]
     assert all(0 <= float(row["accuracy"]) <= 1 and float(row["fd"]) >= 0 and row["n"] == "4" for row in rows)
     printed = capsys.readouterr().out
     assert "| sito | 0.5 |" in printed and "results.csv" in printed
@@ -122,7 +123,7 @@ def test_sd_pipeline_with_a_prompts_file_has_no_judge_metrics(sd_dir, tmp_path):
               "--out", str(tmp_path / "out")])
     payload = json.loads((tmp_path / "out" / "results.json").read_text())
     assert payload["settings"]["count"] == 3 and payload["settings"]["image_size"] == [64, 64]
-    assert [(row["method"], row["ratio"]) for row in payload["rows"]] == [("none", None), ("tome", 0.5),
+    assert [(row["method"], row["ratio"]) for row in payload["rows"]] == [("unpatched", None), ("tome", 0.5),
                                                                           ("importance", 0.7)]
     for row in payload["rows"]:
         assert row["accuracy"] is None and row["fd"] is None and row["n"] == 3
@@ -148,7 +149,7 @@ def tiny_clip(path: Path) -> Path:
     """A random-weight CLIP model and processor saved like a downloaded one (byte-level tokenizer, 32 px)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from tokenmerge.tiny import _char_tokenizer
+    from tokenmerge.tools.tiny import _char_tokenizer
 
     text = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=514,
                 max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513)
@@ -367,10 +368,10 @@ def test_region_psnr_separates_object_and_background():
 def test_the_noise_floor_row_is_the_unpatched_model_from_other_noise(testbed_dir, tmp_path):
     result = evaluate.evaluate(testbed_dir, methods="tome:0.5", split="heldout", count=2, seeds=[0], steps=2,
                                batch=2, out=tmp_path, progress=False, noise_floor=True, log=lambda message: None)
-    assert [row["method"] for row in result.rows] == ["none", "unpatched, other noise", "tome"]
+    assert [row["method"] for row in result.rows] == ["unpatched", "unpatched, other noise", "tome"]
     floor = result.row("unpatched, other noise")
     assert floor["ratio"] is None and 0 < floor["psnr"] < math.inf, "other noise: another image"
     assert 0.0 <= floor["accuracy"] <= 1.0 and floor["fd"] >= 0
     for row in result.rows:
         assert row["psnr_object"] is not None and row["psnr_background"] is not None
-    assert result.row("none")["psnr_object"] == math.inf
+    assert result.row("unpatched")["psnr_object"] == math.inf

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 import tokenmerge
 from tokenmerge import ImportanceMerge, ToMe
-from tokenmerge.tiny import tiny_dit, tiny_lcm_unet, tiny_pipeline, tiny_pixart
+from tokenmerge.tools.tiny import tiny_dit, tiny_lcm_unet, tiny_pipeline, tiny_pixart
 
 from .models.helpers import no_hooks_left
 from .test_hooks import HostSyncs

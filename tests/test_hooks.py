@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import tokenmerge
 from tokenmerge import ImportanceMerge, ReToM, SiTo, ToFu, ToMe
-from tokenmerge.tiny import tiny_pipeline
+from tokenmerge.tools.tiny import tiny_pipeline
 
 PACKAGE = Path(tokenmerge.__file__).parent
 # Model stand-ins and the testbed are models, not the hot path.

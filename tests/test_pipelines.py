@@ -15,7 +15,7 @@ from diffusers import (
 
 import tokenmerge
 from tokenmerge import ImportanceMerge, ToMe
-from tokenmerge.tiny import save_tiny_pipeline, tiny_pipeline
+from tokenmerge.tools.tiny import save_tiny_pipeline, tiny_pipeline
 
 SIZE = dict(height=64, width=64)
 

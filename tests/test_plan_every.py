@@ -7,7 +7,7 @@ import torch
 
 import tokenmerge
 from tokenmerge import ImportanceMerge, ReToM, ToMe
-from tokenmerge.tiny import tiny_pipeline
+from tokenmerge.tools.tiny import tiny_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 
 import tokenmerge
 from tokenmerge import ImportanceMerge, ToMe, signals
-from tokenmerge.tiny import tiny_lcm_unet, tiny_unet
+from tokenmerge.tools.tiny import tiny_lcm_unet, tiny_unet
 
 from .conftest import run, unet_inputs
 

@@ -15,7 +15,7 @@ from tokenmerge.methods import sito as sito_module
 from tokenmerge.methods.base import PlanContext
 from tokenmerge.methods.sito import BASE_STRATEGIES, SiTo, patch_argmax, sim_score
 from tokenmerge.plan import cell_destinations
-from tokenmerge.tiny import tiny_unet
+from tokenmerge.tools.tiny import tiny_unet
 
 from .conftest import run, unet_inputs
 

@@ -10,7 +10,7 @@ from tokenmerge.methods.base import PlanContext
 from tokenmerge.methods.tofu import MlerpPlan, ToFu
 from tokenmerge.methods.tome import ToMe
 from tokenmerge.plan import MergePlan, gather_tokens
-from tokenmerge.tiny import tiny_unet
+from tokenmerge.tools.tiny import tiny_unet
 
 from .conftest import run, unet_inputs
 

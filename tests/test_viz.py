@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tokenmerge import PlanEvent, viz
+from tokenmerge import PlanEvent
+from tokenmerge.tools import viz
 from tokenmerge.plan import DESTINATION, INDEPENDENT, MERGED, MergePlan
 
 

@@ -33,7 +33,7 @@ import torch
 
 from . import attention
 from .methods.base import PlanContext
-from .models.unet import PatchTarget
+from .models.base import PatchTarget
 from .plan import DEVICE_RNG, MergePlan
 from .state import PatchState, PlanEvent
 

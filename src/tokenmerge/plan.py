@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-# Destination roles, as drawn in the computation maps (see tokenmerge.viz).
+# Destination roles, as drawn in the computation maps (see tokenmerge.tools.viz).
 MERGED, DESTINATION, INDEPENDENT = 0, 1, 2
 
 _SHAPE_CONSTANTS: dict[tuple, object] = {}

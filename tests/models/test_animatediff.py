@@ -9,7 +9,7 @@ import torch
 
 import tokenmerge
 from tokenmerge import ImportanceMerge, ToMe
-from tokenmerge.tiny import tiny_motion_unet
+from tokenmerge.tools.tiny import tiny_motion_unet
 
 from .helpers import (ATTENTION_IDS, ATTENTION_MODES, EVERY_METHOD, METHOD_IDS, CountingProcessor,
                       check_compiles_whole, check_merges_and_restores, check_ratio_zero_is_identical)

@@ -10,7 +10,7 @@ import tokenmerge.methods.base
 import tokenmerge.models
 from tokenmerge import ImportanceMerge, ToMe
 from tokenmerge.models.transformer import block_range
-from tokenmerge.tiny import tiny_dit, tiny_pixart, tiny_unet
+from tokenmerge.tools.tiny import tiny_dit, tiny_pixart, tiny_unet
 
 from .helpers import (ATTENTION_IDS, ATTENTION_MODES, EVERY_METHOD, METHOD_IDS, CountingProcessor,
                       check_compiles_whole, check_merges_and_restores, check_ratio_zero_is_identical)

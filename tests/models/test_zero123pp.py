@@ -7,7 +7,7 @@ import torch
 
 import tokenmerge
 from tokenmerge import ImportanceMerge, ToMe
-from tokenmerge.tiny import ReferenceAttnProcessor, tiny_zero123pp
+from tokenmerge.tools.tiny import ReferenceAttnProcessor, tiny_zero123pp
 
 from .helpers import (EVERY_METHOD, METHOD_IDS, check_compiles_whole, check_merges_and_restores,
                       check_ratio_zero_is_identical)

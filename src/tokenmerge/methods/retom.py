@@ -148,7 +148,6 @@ class ReToM(MethodConfig):
         return min(math.floor(window_tokens * self.ratio), window_tokens - 1)
 
     def make_plan(self, x: torch.Tensor, ctx: PlanContext) -> MergePlan | None:
-        batch = x.shape[0]
         height, width = ctx.grid
         size = self.window_size(ctx.level, ctx.bottleneck)
         shapes = window_shapes(height, width, size)

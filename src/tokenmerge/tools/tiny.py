@@ -6,7 +6,7 @@ with few channels, so they run in seconds on a CPU. Their images are noise: the 
 Beyond the SD U-Net: an LCM U-Net (guidance embedding), PixArt-alpha and DiT transformers, an AnimateDiff
 ``UNetMotionModel``, and a Zero123++-like reference-attention U-Net (:class:`ReferenceUNet`).
 
-    python -m tokenmerge.tiny OUT_DIR [--kind sd1|sd2|sdxl]
+    python -m tokenmerge.tools.tiny OUT_DIR [--kind sd1|sd2|sdxl]
 """
 
 from __future__ import annotations

@@ -13,18 +13,19 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..api import patched
+from ..methods import ImportanceMerge, ToMe
 from . import viz
-from .api import patched
-from .cli import at_least, resolve_device
-from .methods import ImportanceMerge, ToMe
+from .options import at_least
+from .runtime import resolve_device
 
 DEMO_SEED = 0
 
 
 def run_demo(args: argparse.Namespace) -> Path:
     from .evaluate import EvalError, PromptSet, evaluate
-    from .testbed.data import sample_scenes
-    from .testbed.pipeline import load_testbed
+    from ..testbed.data import sample_scenes
+    from ..testbed.pipeline import load_testbed
 
     if not 0 < args.ratio <= 0.75:
         args.usage_error(f"--ratio must be in (0, 0.75] (both methods' range), got {args.ratio:g}")

@@ -1,4 +1,4 @@
-"""The ``tokenmerge`` command line.
+"""``tokenmerge generate``: one image with a method (and without it), timed, with its merge maps.
 
     tokenmerge generate --model DIR --prompt "a cute owl" --method importance --ratio 0.7 --out OUT --compare
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,29 +21,13 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from ..api import apply, find_denoiser, remove, skipped_blocks
+from ..calibrate import AutoRatio, auto_ratio
+from ..methods.base import MethodConfig
+from ..state import is_signal
 from . import viz
-from .api import apply, find_denoiser, remove, skipped_blocks
-from .calibrate import AutoRatio, auto_ratio
-from .methods import ImportanceMerge, ReToM, SiTo, ToFu, ToMe
-from .methods.base import MethodConfig
-from .state import is_signal
-
-METHODS: dict[str, type[MethodConfig] | None] = {
-    "none": None, "tome": ToMe, "importance": ImportanceMerge, "retom": ReToM, "sito": SiTo, "tofu": ToFu,
-}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-UNPATCHED = "none"
-#: ``--attention``: how merged self-attention runs, as config fields (docs/methods.md, "Size-aware keys and K/V-only
-#: merging"); "default" is each method's own, "plain" one key per slot with merged queries (the papers').
-ATTENTION_MODES = {
-    "default": {},
-    "plain": {"proportional_attention": False, "merge_queries": True},
-    "sized": {"proportional_attention": True, "merge_queries": True},
-    "sized-channel": {"proportional_attention": True, "merge_queries": True, "bias_via": "channel"},
-    "kv": {"proportional_attention": False, "merge_queries": False},
-    "kv+sized": {"proportional_attention": True, "merge_queries": False},
-    "kv+sized-channel": {"proportional_attention": True, "merge_queries": False, "bias_via": "channel"},
-}
+from .options import ATTENTION_MODES, METHODS, UNPATCHED, positive_int, ratio_or_auto, step_list
+from .runtime import DTYPES, load_pipeline, resolve_device, synchronize
 
 
 @dataclass
@@ -63,68 +47,13 @@ class Run:
         return f"{self.method} r={self.ratio:g} {self.seconds:.2f} s"
 
 
-def step_list(text: str) -> tuple[int, ...]:
-    """argparse type of ``--map-steps``: ``"1,5,10"`` -> ``(1, 5, 10)``."""
-    try:
-        steps = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated step numbers such as 1,5,10, got {text!r}") from None
-    if not steps or steps[0] < 0:
-        raise argparse.ArgumentTypeError(f"expected non-negative step numbers such as 1,5,10, got {text!r}")
-    return steps
-
-
-def at_least(minimum: int) -> Callable[[str], int]:
-    """argparse type: a whole number no smaller than ``minimum``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-positive_int = at_least(1)
-
-
-def ratio_or_auto(text: str) -> float | str:
-    """argparse type of ``--ratio``: a number, or ``auto``."""
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a ratio such as 0.5, or 'auto'; got {text!r}") from None
-
-
-def number_list(kind: type, example: str) -> Callable[[str], tuple]:
-    """argparse type: comma-separated numbers of ``kind``, at least one."""
-    def parse(text: str) -> tuple:
-        try:
-            values = tuple(kind(part) for part in text.split(",") if part.strip())
-        except ValueError:
-            values = ()
-        if not values:
-            raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as {example}, got {text!r}")
-        return values
-
-    return parse
-
-
 def default_map_steps(steps: int) -> tuple[int, ...]:
     """First, about a quarter, half way and last: enough to see the pruning phase and the merging change."""
     return tuple(sorted({0, steps // 4, steps // 2, steps - 1}))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenmerge", description="Training-free token merging for diffusers.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def register(commands) -> argparse.ArgumentParser:
+    """Add the ``generate`` subcommand to the CLI's subparsers."""
     generate = commands.add_parser(
         "generate", help="generate an image with token merging (and without it, with --compare)",
         description="Generate an image with a token-merging method; time it; draw its merge maps.",
@@ -133,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="pipeline folder (safetensors weights) or Hugging Face Hub id")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--negative-prompt")
-    generate.add_argument("--method", choices=METHODS, default="importance")
+    generate.add_argument("--method", choices=(UNPATCHED, "none", *METHODS), default="importance",
+                          help="a token-merging method, or unpatched (also: none) for the model alone")
     generate.add_argument("--ratio", type=ratio_or_auto, default=0.7,
                           help="fraction of tokens merged away (default 0.7), or 'auto': the smallest ratio that "
                                "reaches --target-speedup here, from a short calibration (tokenmerge.auto_ratio)")
@@ -151,28 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", required=True, type=Path, help="folder for the images, maps and summary.json")
     generate.add_argument("--compare", action="store_true",
                           help="also generate unpatched from the same seed and write compare.png "
-                               "(ignored with --method none)")
+                               "(ignored with --method unpatched)")
     generate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     generate.add_argument("--dtype", choices=DTYPES, default="float32")
     generate.add_argument("--map-steps", type=step_list,
                           help="0-based steps to draw maps at, e.g. 1,5,10 (default: first, 25%%, 50%%, last)")
     generate.set_defaults(handler=run_generate, usage_error=generate.error)
-    # demo, eval and bench add their own subcommands; imported here because they import helpers from this module.
-    from . import bench, demo, evaluate
-
-    demo.register(commands)
-    evaluate.register(commands)
-    bench.register(commands)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.handler(args)
+    return generate
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    config_class = METHODS[args.method]
+    if args.method == "none":
+        args.method = UNPATCHED
+    config_class = METHODS.get(args.method)
     auto = args.ratio == "auto"
     if auto != (args.target_speedup is not None):
         args.usage_error("--ratio auto and --target-speedup go together: e.g. --ratio auto --target-speedup 1.5")
@@ -238,49 +159,6 @@ def default_size(pipe) -> int:
     return find_denoiser(pipe)[0].config.sample_size * pipe.vae_scale_factor
 
 
-def resolve_device(name: str, usage_error: Callable[[str], None]) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        usage_error("--device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)")
-    return torch.device(name)
-
-
-def load_pipeline(model: str, dtype: torch.dtype):
-    """Load a pipeline from safetensors weights only (never pickle), turning the usual failures into advice."""
-    from diffusers import DiffusionPipeline  # here, not at the top: importing diffusers takes seconds (--help)
-
-    folder = Path(model)
-    if folder.is_dir() and not any(folder.rglob("*.safetensors")):
-        raise SystemExit(
-            f"tokenmerge: the pipeline folder {model} has no .safetensors weights; tokenmerge never loads "
-            "pickle (.bin/.ckpt) weights. Re-save it with pipe.save_pretrained(DIR, safe_serialization=True)."
-        )
-    # float32 is the default; asking for it by name only draws diffusers' torch_dtype deprecation warning.
-    # (Loading in the dtype, rather than casting afterwards, keeps a model's float32-only modules in float32.)
-    dtype_option = {} if dtype == torch.float32 else {"torch_dtype": dtype}
-    try:
-        return DiffusionPipeline.from_pretrained(model, use_safetensors=True, **dtype_option)
-    except OSError as err:
-        if folder.is_dir():
-            raise SystemExit(f"tokenmerge: could not load the pipeline folder {model}: {err}") from err
-        raise SystemExit(hub_failure_message(model, err)) from err
-    except ValueError as err:  # diffusers: "neither a valid local path nor a valid repo id"
-        if folder.is_dir():
-            raise
-        raise SystemExit(hub_failure_message(model, err)) from err
-
-
-def hub_failure_message(model: str, err: Exception) -> str:
-    return (
-        f"tokenmerge: could not load {model!r}: it is not a local folder, and loading it from the Hugging Face "
-        f"Hub failed (no network, no such model, or not in the local cache): {err}\n"
-        "Pass a local pipeline folder with --model DIR instead: one saved with pipe.save_pretrained(DIR), "
-        f"or one downloaded elsewhere with `hf download {model} --local-dir DIR` (huggingface-cli download "
-        "in older huggingface_hub)."
-    )
-
-
 def pipeline_call(pipe, args: argparse.Namespace, device: torch.device) -> Callable[[int], Image.Image]:
     """``steps -> image``: the pipeline call every run shares, from a freshly seeded generator each time."""
     options = dict(prompt=args.prompt, guidance_scale=args.guidance, height=args.height, width=args.width)
@@ -305,11 +183,6 @@ def timed_run(call: Callable[[int], Image.Image], steps: int, device: torch.devi
     path = out / f"{method}.png"
     image.save(path)
     return Run(method, ratio, seconds, image, path)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def write_summary(args: argparse.Namespace, config: MethodConfig | None, runs: list[Run],
@@ -358,7 +231,3 @@ def print_report(runs: list[Run], written: list[Path]) -> None:
     console = Console()
     console.print(table)
     console.print("wrote " + ", ".join(str(path) for path in written))
-
-
-if __name__ == "__main__":
-    main()

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .plan import DESTINATION, INDEPENDENT, MERGED
-from .state import PlanEvent
+from ..plan import DESTINATION, INDEPENDENT, MERGED
+from ..state import PlanEvent
 
 ROLE_COLORS = {DESTINATION: (255, 255, 255), INDEPENDENT: (255, 165, 0), MERGED: (0, 0, 0)}
 MAP_SIZE = 256  # maps are scaled up by a whole factor to at most this many pixels, so small grids stay visible

@@ -36,13 +36,15 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from .api import patched
-from .cli import DTYPES, METHODS, UNPATCHED, load_pipeline, number_list, positive_int, resolve_device, synchronize
-from .methods.base import MethodConfig
-from .state import is_signal
-from .testbed.data import ATTRIBUTES, SPLIT_SEEDS, Scene, all_scenes, object_mask, render, sample_scenes
+from ..api import patched
+from ..methods.base import MethodConfig, config_fields
+from ..state import is_signal
+from ..testbed.data import ATTRIBUTES, SPLIT_SEEDS, Scene, all_scenes, object_mask, render, sample_scenes
+from .options import METHODS, UNPATCHED, number_list, positive_int
+from .reports import markdown_table as table_of
+from .runtime import DTYPES, load_pipeline, resolve_device, synchronize
 
-KNOWN_METHODS = tuple(name for name in METHODS if name != UNPATCHED)
+KNOWN_METHODS = tuple(METHODS)
 DEFAULT_METHODS = ",".join(KNOWN_METHODS)
 DEFAULT_SPLIT = "heldout"
 DEFAULT_COUNT = 200
@@ -94,10 +96,9 @@ NOISE_FLOOR = Variant("unpatched, other noise", noise_offset=1_000_003)
 
 def method_name(config: MethodConfig) -> str:
     """The method's CLI name, followed by the fields set away from their defaults: ``importance[dst_selection=topk]``."""
-    name = next((name for name, config_class in METHODS.items()
-                 if config_class is not None and type(config) is config_class), type(config).__name__.lower())
+    name = type(config).name or type(config).__name__.lower()
     default = type(config)()
-    changed = [f"{field.name}={getattr(config, field.name)}" for field in dataclasses.fields(config)
+    changed = [f"{field.name}={getattr(config, field.name)}" for field in config_fields(config)
                if field.name not in ("ratio", "seed") and _plain(getattr(config, field.name))
                and getattr(config, field.name) != getattr(default, field.name)]
     return f"{name}[{';'.join(changed)}]" if changed else name
@@ -147,12 +148,12 @@ def parse_methods(methods: str | Sequence[str | MethodConfig], ratios: Sequence[
             raise EvalError(f"cannot read method {item.strip()!r}; write NAME, NAME:RATIO or "
                             f"NAME[field=value;...]:RATIO, e.g. importance[dst_selection=topk]:0.7")
         name, options_text, ratio_text = match.group(1).lower(), match.group(2), match.group(3)
-        if not name or name == UNPATCHED:  # the reference runs anyway
+        if not name or name in (UNPATCHED, "none"):  # the reference runs anyway
             continue
         if name not in KNOWN_METHODS:
             raise EvalError(f"unknown method {name!r}; known methods: {', '.join(KNOWN_METHODS)}")
         options: dict[str, Any] = {}
-        known_fields = {field.name for field in dataclasses.fields(METHODS[name])} - {"ratio"}
+        known_fields = {field.name for field in config_fields(METHODS[name])} - {"ratio"}
         for option in filter(str.strip, (options_text or "").split(";")):
             key, has_value, value = option.partition("=")
             if not has_value or key.strip() not in known_fields:
@@ -308,7 +309,7 @@ def make_lpips() -> nn.Module:
 
 def load_model(model: str | Path | None = None, dtype: str = "float32"):
     """The testbed (``model`` None), a saved testbed folder, or any diffusers pipeline folder (safetensors)."""
-    from .testbed import pipeline as testbed
+    from ..testbed import pipeline as testbed
 
     if dtype not in DTYPES:
         raise EvalError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -495,7 +496,7 @@ def inception_module(weights: str | Path) -> nn.Module:
 
 def judge_correct(judge: nn.Module, images: torch.Tensor, scenes: Sequence[Scene]) -> torch.Tensor:
     """``(B, attributes)`` bool on the images' device: the judge reads each attribute as the caption says."""
-    from .testbed.judge import label_tensor
+    from ..testbed.judge import label_tensor
 
     predicted = judge.predict(images)
     targets = label_tensor(list(scenes))
@@ -598,7 +599,7 @@ def evaluate(
     def bad_device(message: str) -> None:
         raise EvalError(message)
 
-    from .testbed.pipeline import IMAGE_SIZE, TestbedPipeline
+    from ..testbed.pipeline import IMAGE_SIZE, TestbedPipeline
 
     if model is None or isinstance(model, (str, Path)):
         if state.num_processes > 1 and device in ("auto", "cuda"):
@@ -624,7 +625,7 @@ def evaluate(
 
     judge = None
     if testbed and prompt_set.scenes is not None:
-        from .testbed.judge import load_judge
+        from ..testbed.judge import load_judge
 
         judge = load_judge(IMAGE_SIZE).to(run_device)
     elif testbed:
@@ -747,7 +748,7 @@ def _score_batch(outputs: dict[str, torch.Tensor], scores: dict[str, Scores], ba
 
     reference = outputs[REFERENCE.label]
     if "fd" in real:
-        from .testbed.judge import to_tensor
+        from ..testbed.judge import to_tensor
 
         pixels = np.stack([np.asarray(render(scenes[k], reference.shape[-1], jitter_seed=real_jitter_seed(i, seed)))
                            for k, i in enumerate(batch_indices)])
@@ -858,19 +859,16 @@ ALWAYS_SHOWN = ("method", "ratio", "seconds_per_image", "speedup", "n")
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The rows as a markdown table; a metric column nobody has a value for is left out."""
     keys = [key for key in COLUMNS if key in ALWAYS_SHOWN or any(row[key] is not None for row in rows)]
-    lines = ["| " + " | ".join(COLUMNS[key][0] for key in keys) + " |", "|" + " --- |" * len(keys)]
-    for row in rows:
-        cells = []
-        for key in keys:
-            value = row[key]
-            if value is None:
-                cells.append("-")
-            elif isinstance(value, float) and math.isinf(value):
-                cells.append("inf")
-            else:
-                cells.append(COLUMNS[key][1].format(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return table_of([COLUMNS[key][0] for key in keys], ([_cell(row[key], COLUMNS[key][1]) for key in keys]
+                                                        for row in rows))
+
+
+def _cell(value: Any, spec: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return spec.format(value)
 
 
 def _markdown_report(result: EvalResult, table: str) -> str:

@@ -36,8 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import csv
-import dataclasses
 import functools
 import itertools
 import json
@@ -56,25 +54,23 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .api import apply, patched, remove, skipped_blocks
-from .calibrate import timed
-from .cli import METHODS as CONFIGS
-from .cli import ATTENTION_MODES, at_least, number_list
-from .hooks import floor_warnings_off
-from .methods import ImportanceMerge
-from .methods.base import config_fields
-from .models import example_inputs
-from .presets import preset
-
-
-Size = int | tuple[int, int]  # pixels: one side of a square, or (height, width)
+from ..api import apply, patched, remove, skipped_blocks
+from ..hooks import floor_warnings_off
+from ..methods import METHODS as CONFIGS
+from ..methods import ImportanceMerge
+from ..methods.base import SHARE_PLAN, config_fields
+from ..models import adapter_for, example_inputs
+from ..presets import preset
+from .options import ATTENTION_MODES, UNPATCHED, Size, at_least, name_list, parse_names, ratio_list, size_list
+from .reports import log, markdown_table as table_of, write_csv
+from .runtime import DTYPES, resolve_device, synchronize, timed
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     title: str
     config_file: str  # under tokenmerge/configs
-    tiny_kind: str  # tokenmerge.tiny U-Net kind, or "lcm" / "animatediff" / "pixart" / "dit" / "zero123pp" for --tiny
+    tiny_kind: str  # tokenmerge.tools.tiny U-Net kind, or "lcm" / "animatediff" / "pixart" / "dit" / "zero123pp" for --tiny
     gpu_sizes: tuple[Size, ...]  # default resolutions on GPU; the first is the model's native one
 
 
@@ -88,9 +84,8 @@ MODELS = {
     "animatediff": ModelSpec("AnimateDiff (SD 1.5)", "animatediff_sd15_unet.json", "animatediff", (512,)),
     "zero123pp": ModelSpec("Zero123++ (SD 2)", "zero123pp_unet.json", "zero123pp", ((960, 640),)),
 }
-METHODS = ("unpatched", "tomesd", "tome", "importance", "retom", "sito", "tofu")
-UNPATCHED = "unpatched"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: What a bench run may time: the unpatched baseline, the tomesd package, and every tokenmerge method.
+METHODS = (UNPATCHED, "tomesd", *CONFIGS)
 TINY_SIZE = 128  # the tiny configs' sample_size (16) x 8
 CPU_DEFAULTS = dict(models=("sd15",), ratios=(0.5,), methods=("unpatched", "tomesd", "tome", "importance"),
                     repeats=3, warmup=1)
@@ -98,21 +93,10 @@ GPU_DEFAULTS = dict(models=tuple(MODELS), ratios=(0.3, 0.5, 0.7, 0.75),
                     methods=("unpatched", "tomesd", "tome", "importance"), repeats=10, warmup=3)
 CSV_FIELDS = ("model", "size", "method", "ratio", "status", "median_s", "min_s", "max_s", "runs", "speedup",
               "gflops", "flop_bound", "achieved", "plan_s", "plan_share", "peak_mem_mib", "note")
-SHARE_MODES = ("block", "level")
 
 
 
 # -- models and inputs ------------------------------------------------------------------------------
-def parse_names(text: str, known, what: str) -> tuple[str, ...]:
-    """``"a,b"`` -> ``("a", "b")``; a ``ValueError`` listing the known names for an unknown one."""
-    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
-    unknown = [name for name in names if name not in known]
-    if unknown or not names:
-        raise ValueError(f"unknown {what} {', '.join(map(repr, unknown)) or repr(text)}; "
-                         f"known {what}s: {', '.join(known)}")
-    return names
-
-
 def model_config(name: str, tiny: bool = False) -> dict:
     """The diffusers config (``_class_name`` included) of a model: shipped full-size, or tiny."""
     spec = MODELS[parse_names(name, MODELS, "model")[0]]
@@ -135,7 +119,7 @@ def model_config(name: str, tiny: bool = False) -> dict:
 def build_denoiser(config: dict, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
     """A random-weight denoiser of the config's diffusers class, built on ``device`` ('meta': no memory).
 
-    ``"_wrapper"`` names a :mod:`tokenmerge.tiny` module that wraps the diffusers model as a community pipeline
+    ``"_wrapper"`` names a :mod:`tokenmerge.tools.tiny` module that wraps the diffusers model as a community pipeline
     does (Zero123++'s reference-attention U-Net).
     """
     import diffusers
@@ -157,8 +141,6 @@ def is_unet(denoiser: nn.Module) -> bool:
 
 def family(denoiser: nn.Module) -> str:
     """The denoiser's tokenmerge family (``sd``, ``lcm``, ``animatediff``, ``pixart``, ``dit``, ``zero123pp``)."""
-    from .models import adapter_for
-
     return adapter_for(denoiser).family
 
 
@@ -175,12 +157,6 @@ def latent_size(size: Size) -> tuple[int, int]:
 
 def size_label(size: Size) -> str:
     return str(size) if isinstance(size, int) else f"{size[0]}x{size[1]}"
-
-
-def step_inputs(denoiser: nn.Module, size: Size, images: int, device: torch.device, dtype: torch.dtype,
-                seed: int = 0) -> tuple[tuple, dict]:
-    """Arguments of one denoiser call, as its family's pipeline makes them (:meth:`tokenmerge.models.Adapter.example_inputs`)."""
-    return example_inputs(denoiser, size, images, device, dtype, seed)
 
 
 # -- variants ---------------------------------------------------------------------------------------
@@ -323,11 +299,6 @@ def weight_bytes(module: nn.Module) -> int:
     return sum(storages.values())
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def plan_seconds(variant: Variant, denoiser: nn.Module, step: Callable[[], object], device: torch.device) -> float:
     """Seconds spent in the config's ``make_plan`` during one step (an extra, untimed run); also records the
     blocks that run left unmerged (``min_tokens``) in ``variant.skipped``.
@@ -340,10 +311,10 @@ def plan_seconds(variant: Variant, denoiser: nn.Module, step: Callable[[], objec
     spent = [0.0]
 
     def make_plan(self, x, ctx):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         plan = original(self, x, ctx)
-        _sync(device)
+        synchronize(device)
         spent[0] += time.perf_counter() - start
         return plan
 
@@ -404,7 +375,7 @@ def compiled_runs(variants: list[Variant], denoiser: nn.Module, make_step: Calla
 
 def bench_resolution(denoiser: nn.Module, size: Size, args: argparse.Namespace) -> list[Variant]:
     """Every variant of one model at one resolution: warm-up, interleaved timed rounds, FLOPs."""
-    inputs, kwargs = step_inputs(denoiser, size, args.images, args.device, args.dtype, args.seed)
+    inputs, kwargs = example_inputs(denoiser, size, args.images, args.device, args.dtype, args.seed)
 
     def make_step(model: nn.Module) -> Callable[[], None]:
         def step() -> None:  # --steps calls in one patched run: its clock advances, plans are reused (plan_every)
@@ -446,13 +417,9 @@ def bench_resolution(denoiser: nn.Module, size: Size, args: argparse.Namespace) 
     return variants
 
 
-def resolve(args: argparse.Namespace, usage_error: Callable[[str], None]) -> argparse.Namespace:
+def complete_args(args: argparse.Namespace, usage_error: Callable[[str], None]) -> argparse.Namespace:
     """Fill the device-dependent defaults (CPU: a small set; GPU: the full one) and parse the name lists."""
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        usage_error("--device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)")
-    args.device = torch.device(args.device)
+    args.device = resolve_device(args.device, usage_error)
     gpu = args.device.type == "cuda"
     if args.dtype == "auto":
         args.dtype = "float16" if gpu else "float32"
@@ -545,27 +512,19 @@ def fmt(value, spec: str = ".3f", suffix: str = "") -> str:
     return f"{value:{spec}}{suffix}" if isinstance(value, float) else f"{value}{suffix}"
 
 
+TABLE_HEADER = ("model", "px", "method", "ratio", "median s", "min s", "max s", "speed-up", "GFLOPs", "FLOP bound",
+                "achieved", "plan s", "plan %", "peak MiB", "note")
+
+
 def markdown_table(rows: list[dict]) -> str:
-    header = ("model", "px", "method", "ratio", "median s", "min s", "max s", "speed-up", "GFLOPs", "FLOP bound",
-              "achieved", "plan s", "plan %", "peak MiB", "note")
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for r in rows:
+    def cells(r: dict) -> tuple:
         note = r["note"] if r["status"] == "ok" else f"{r['status']}: {r['note']}"
-        cells = (r["model"], r["size"], r["method"], fmt(r["ratio"], "g"), fmt(r["median_s"], ".4f"),
-                 fmt(r["min_s"], ".4f"), fmt(r["max_s"], ".4f"), fmt(r["speedup"], ".2f", "x"), fmt(r["gflops"], ".4g"),
-                 fmt(r["flop_bound"], ".2f", "x"), fmt(r["achieved"], ".0%"), fmt(r["plan_s"], ".4f"),
-                 fmt(r["plan_share"], ".1%"), fmt(r["peak_mem_mib"], ".0f"),
-                 note.replace("|", "/"))
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
-    return "\n".join(lines) + "\n"
+        return (r["model"], r["size"], r["method"], fmt(r["ratio"], "g"), fmt(r["median_s"], ".4f"),
+                fmt(r["min_s"], ".4f"), fmt(r["max_s"], ".4f"), fmt(r["speedup"], ".2f", "x"), fmt(r["gflops"], ".4g"),
+                fmt(r["flop_bound"], ".2f", "x"), fmt(r["achieved"], ".0%"), fmt(r["plan_s"], ".4f"),
+                fmt(r["plan_share"], ".1%"), fmt(r["peak_mem_mib"], ".0f"), note)
 
-
-def write_csv(rows: list[dict], path: Path) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
-    return path
+    return table_of(TABLE_HEADER, map(cells, rows)) + "\n"
 
 
 def write_plot(rows: list[dict], path: Path) -> Path:
@@ -622,46 +581,7 @@ def command_line(args: argparse.Namespace) -> str:
             f"--seed {args.seed}{' --tiny' if args.tiny else ''} --out {args.out}")
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 # -- command line -----------------------------------------------------------------------------------
-def size_list(text: str) -> tuple[Size, ...]:
-    """``"512,960x640"`` -> ``(512, (960, 640))``: squares, or height x width."""
-    try:
-        sizes = tuple(int(part) if "x" not in part else tuple(map(int, part.split("x", 1)))
-                      for part in text.replace(" ", "").split(",") if part)
-    except ValueError:
-        sizes = ()
-    sides = [side for size in sizes for side in ((size,) if isinstance(size, int) else size)]
-    if not sizes or any(side < 8 or side % 8 for side in sides):
-        raise argparse.ArgumentTypeError(f"expected image sizes in pixels, multiples of 8, such as 512,1024 or "
-                                         f"960x640 (height x width); got {text!r}")
-    return sizes
-
-
-def ratio_list(text: str) -> tuple[float, ...]:
-    ratios = number_list(float, "0.3,0.5")(text)
-    if any(not 0 < ratio < 1 for ratio in ratios):
-        raise argparse.ArgumentTypeError(f"expected merge ratios in (0, 1) such as 0.3,0.5; got {text!r}")
-    return ratios
-
-
-def share_modes(text: str) -> tuple[str, ...]:
-    try:
-        return parse_names(text, SHARE_MODES, "share_plan mode")
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def attention_modes(text: str) -> tuple[str, ...]:
-    try:
-        return parse_names(text, tuple(ATTENTION_MODES), "attention mode")
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def register(commands) -> argparse.ArgumentParser:
     """Add the ``bench`` subcommand to the CLI's subparsers."""
     bench = commands.add_parser(
@@ -700,11 +620,11 @@ def register(commands) -> argparse.ArgumentParser:
                        help="time torch.compile'd denoisers (this mode), unpatched and patched alike: each variant "
                             "is a patched copy compiled once in the warm-up (default: eager)")
     bench.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default: inductor)")
-    bench.add_argument("--share-plan", type=share_modes, default=("block",),
+    bench.add_argument("--share-plan", type=name_list(SHARE_PLAN, "share_plan mode"), default=("block",),
                        help="plan per block and/or per U-Net level (share_plan field), e.g. block,level: each "
                             "tokenmerge method runs once per mode; level variants are named METHOD+level "
                             "(default: block)")
-    bench.add_argument("--attention", type=attention_modes, default=("default",),
+    bench.add_argument("--attention", type=name_list(ATTENTION_MODES, "attention mode"), default=("default",),
                        help=f"self-attention modes, from {','.join(ATTENTION_MODES)}: default = the method's own, "
                             "plain = one key per merged slot (the papers'), sized = size-aware keys "
                             "(proportional_attention), kv = K/V-only merging (merge_queries=False), -channel = the "
@@ -721,13 +641,13 @@ def register(commands) -> argparse.ArgumentParser:
                        help="auto: float16 on CUDA, float32 on CPU")
     bench.add_argument("--seed", type=int, default=0, help="seed of the weights, inputs and merging RNGs")
     bench.add_argument("--out", type=Path, default=Path("outputs/bench"), help="folder for bench.md/.csv/.png")
-    bench.add_argument("--tiny", action="store_true", help="tiny configs (tokenmerge.tiny) instead of full size")
+    bench.add_argument("--tiny", action="store_true", help="tiny configs (tokenmerge.tools.tiny) instead of full size")
     bench.set_defaults(handler=run_command, usage_error=bench.error)
     return bench
 
 
 def run_command(args: argparse.Namespace) -> list[dict]:
-    resolve(args, args.usage_error)
+    complete_args(args, args.usage_error)
     rows = run_bench(args)
     args.out.mkdir(parents=True, exist_ok=True)
     machine = (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
@@ -739,13 +659,13 @@ def run_command(args: argparse.Namespace) -> list[dict]:
     table = markdown_table(rows)
     print(title + table)
     (args.out / "bench.md").write_text(f"{title}```\n{command_line(args)}\n```\n\n{table}")
-    written = [args.out / "bench.md", write_csv(rows, args.out / "bench.csv"), write_plot(rows, args.out / "bench.png")]
+    written = [args.out / "bench.md", write_csv(rows, args.out / "bench.csv", CSV_FIELDS), write_plot(rows, args.out / "bench.png")]
     print("wrote " + ", ".join(map(str, written)))
     return rows
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    """``python -m tokenmerge.bench ...``: the same as ``tokenmerge bench ...``."""
+    """``python -m tokenmerge.tools.bench ...``: the same as ``tokenmerge bench ...``."""
     parser = argparse.ArgumentParser(prog="tokenmerge")
     register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
