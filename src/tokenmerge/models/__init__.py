@@ -8,7 +8,7 @@ from torch import nn
 
 from .base import Adapter, PatchTarget
 
-__all__ = ["Adapter", "PatchTarget", "adapter_for", "adapters", "example_inputs"]
+__all__ = ["Adapter", "PatchTarget", "adapter_for", "adapters", "example_inputs", "tiny_configs"]
 
 
 def adapters() -> tuple[type[Adapter], ...]:
@@ -38,3 +38,8 @@ def example_inputs(denoiser: nn.Module, size: int | tuple[int, int], images: int
                    seed: int = 0) -> tuple[tuple, dict]:
     """``(args, kwargs)`` of one call of ``denoiser`` as its family's pipeline makes it (:meth:`Adapter.example_inputs`)."""
     return adapter_for(denoiser).example_inputs(size, images, device, dtype, seed)
+
+
+def tiny_configs() -> dict[str, dict]:
+    """Every family's tiny model configs by name (``sd1``, ``sd2``, ``sdxl``, ``lcm``, ``animatediff``, ...)."""
+    return {name: config for adapter in adapters() for name, config in adapter.tiny_configs.items()}

@@ -38,6 +38,14 @@ def _is_motion(name: str) -> bool:
 class AnimateDiffAdapter(UNetAdapter):
     family = "animatediff"
     description = "UNetMotionModel (AnimateDiff, 5-D video latents)"
+    #: Attention and motion modules at levels 0 and 1.
+    tiny_configs = {"animatediff": dict(
+        _class_name="UNetMotionModel", sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        norm_num_groups=16, block_out_channels=(32, 64, 64),
+        down_block_types=("CrossAttnDownBlockMotion", "CrossAttnDownBlockMotion", "DownBlockMotion"),
+        up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion", "CrossAttnUpBlockMotion"),
+        cross_attention_dim=32, num_attention_heads=2, motion_num_attention_heads=2, motion_max_seq_length=16,
+    )}
 
     def __init__(self, denoiser: nn.Module) -> None:
         super().__init__(denoiser)

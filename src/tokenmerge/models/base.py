@@ -70,6 +70,9 @@ class Adapter:
     guided = True
     #: Prompt length of the family's text encoder, for example inputs (CLIP: 77).
     text_tokens = 77
+    #: Tiny random-weight models of the family for tests and ``bench --tiny``: name -> diffusers config, with its
+    #: ``_class_name`` (and, for a community wrapper, the ``_wrapper`` stand-in in :mod:`tokenmerge.tools.tiny`).
+    tiny_configs: dict[str, dict] = {}
 
     def __init__(self, denoiser: nn.Module) -> None:
         self.denoiser = denoiser

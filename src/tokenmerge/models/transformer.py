@@ -88,6 +88,13 @@ class PixArtAdapter(TransformerAdapter):
     class_name = "PixArtTransformer2DModel"
     description = "PixArtTransformer2DModel (PixArt-alpha, PixArt-Sigma)"
     text_tokens = 120  # T5
+    #: ``ada_norm_single``, T5-width captions, learned sigma, few channels.
+    tiny_configs = {"pixart": dict(
+        _class_name="PixArtTransformer2DModel", num_attention_heads=2, attention_head_dim=8, in_channels=4,
+        out_channels=8, num_layers=4, cross_attention_dim=16, attention_bias=True, sample_size=16, patch_size=2,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=32,
+    )}
 
     def _example(self, s: ExampleShape) -> tuple[tuple, dict]:
         """Latent, T5 states, timestep, and the resolution / aspect-ratio conditions."""
@@ -111,6 +118,11 @@ class DiTAdapter(TransformerAdapter):
     class_name = "DiTTransformer2DModel"
     description = "DiTTransformer2DModel (DiT, class-conditional)"
     cond_first = True
+    #: ``ada_norm_zero``, class-conditional, learned sigma, few channels.
+    tiny_configs = {"dit": dict(
+        _class_name="DiTTransformer2DModel", num_attention_heads=2, attention_head_dim=8, in_channels=4,
+        out_channels=8, num_layers=4, sample_size=16, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=16,
+    )}
 
     def _example(self, s: ExampleShape) -> tuple[tuple, dict]:
         """Class-conditional, ``[cond; null class]`` as ``DiTPipeline`` batches it."""

@@ -15,7 +15,28 @@ from torch import nn
 
 from .base import Adapter, ExampleShape, PatchTarget
 
-__all__ = ["PatchTarget", "UNetAdapter", "unet_targets"]
+__all__ = ["PatchTarget", "TINY_CONFIGS", "UNetAdapter", "unet_targets"]
+
+_TINY_BASE = dict(_class_name="UNet2DConditionModel", sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                  norm_num_groups=16, block_out_channels=(32, 64, 64))
+_SD = dict(down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+           up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32)
+#: Tiny random-weight U-Nets of each architecture, for tests and ``bench --tiny``: SD 1.x (conv projections, 8-dim
+#: heads), SD 2.x (linear projections, per-level heads), SDXL (no attention at the top level, two text encoders,
+#: added conditions) and LCM (SD 1.x with a guidance embedding).
+TINY_CONFIGS = {
+    "sd1": dict(_TINY_BASE, **_SD, attention_head_dim=8),
+    "sd2": dict(_TINY_BASE, **_SD, attention_head_dim=(2, 4, 8), use_linear_projection=True),
+    "sdxl": dict(
+        _TINY_BASE,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4, 8), transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
+        cross_attention_dim=64,  # two text encoders of width 32, concatenated
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+    ),
+    "lcm": dict(_TINY_BASE, **_SD, attention_head_dim=8, time_cond_proj_dim=16),  # LCM_Dreamshaper_v7: 256
+}
 
 
 def unet_targets(unet: nn.Module, keep=lambda name: True) -> list[PatchTarget]:
@@ -36,6 +57,7 @@ def unet_targets(unet: nn.Module, keep=lambda name: True) -> list[PatchTarget]:
 
 class UNetAdapter(Adapter):
     description = "UNet2DConditionModel (SD 1.x, SD 2.x, SDXL, LCM)"
+    tiny_configs = TINY_CONFIGS
 
     def __init__(self, denoiser: nn.Module) -> None:
         super().__init__(denoiser)

@@ -34,6 +34,14 @@ REFERENCE_SIZE = 320
 class Zero123PlusAdapter(UNetAdapter):
     family = "zero123pp"
     description = "a wrapper with a UNet2DConditionModel as .unet and reference attention (Zero123++)"
+    #: SD 2 layout (linear projections, per-level heads), attention in three of four levels, in the reference
+    #: wrapper's stand-in.
+    tiny_configs = {"zero123pp": dict(
+        _class_name="UNet2DConditionModel", _wrapper="ReferenceUNet", sample_size=16, in_channels=4, out_channels=4,
+        layers_per_block=1, norm_num_groups=16, block_out_channels=(32, 32, 64, 64), attention_head_dim=(2, 2, 4, 4),
+        use_linear_projection=True, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=32,
+    )}
 
     def __init__(self, denoiser: nn.Module) -> None:
         super().__init__(denoiser.unet)

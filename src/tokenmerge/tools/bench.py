@@ -59,18 +59,19 @@ from ..hooks import floor_warnings_off
 from ..methods import METHODS as CONFIGS
 from ..methods import ImportanceMerge
 from ..methods.base import SHARE_PLAN, config_fields
-from ..models import adapter_for, example_inputs
+from ..models import adapter_for, example_inputs, tiny_configs
 from ..presets import preset
 from .options import ATTENTION_MODES, UNPATCHED, Size, at_least, name_list, parse_names, ratio_list, size_list
 from .reports import log, markdown_table as table_of, write_csv
 from .runtime import DTYPES, resolve_device, synchronize, timed
+from .tiny import build_denoiser
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     title: str
     config_file: str  # under tokenmerge/configs
-    tiny_kind: str  # tokenmerge.tools.tiny U-Net kind, or "lcm" / "animatediff" / "pixart" / "dit" / "zero123pp" for --tiny
+    tiny_kind: str  # its family's tiny model for --tiny (tokenmerge.models.tiny_configs: sd1, lcm, pixart, ...)
     gpu_sizes: tuple[Size, ...]  # default resolutions on GPU; the first is the model's native one
 
 
@@ -101,38 +102,8 @@ def model_config(name: str, tiny: bool = False) -> dict:
     """The diffusers config (``_class_name`` included) of a model: shipped full-size, or tiny."""
     spec = MODELS[parse_names(name, MODELS, "model")[0]]
     if tiny:
-        from .tiny import (DIT_CONFIG, LCM_TIME_COND_DIM, MOTION_CONFIG, PIXART_CONFIG, ZERO123PP_UNET_CONFIG,
-                           unet_config)
-
-        tiny_configs = {
-            "pixart": ("PixArtTransformer2DModel", PIXART_CONFIG),
-            "dit": ("DiTTransformer2DModel", DIT_CONFIG),
-            "lcm": ("UNet2DConditionModel", {**unet_config("sd1"), "time_cond_proj_dim": LCM_TIME_COND_DIM}),
-            "animatediff": ("UNetMotionModel", MOTION_CONFIG),
-            "zero123pp": ("UNet2DConditionModel", {**ZERO123PP_UNET_CONFIG, "_wrapper": "ReferenceUNet"}),
-        }
-        class_name, config = tiny_configs.get(spec.tiny_kind) or ("UNet2DConditionModel", unet_config(spec.tiny_kind))
-        return {"_class_name": class_name, **config}
+        return dict(tiny_configs()[spec.tiny_kind])
     return json.loads(resources.files("tokenmerge").joinpath("configs", spec.config_file).read_text())
-
-
-def build_denoiser(config: dict, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
-    """A random-weight denoiser of the config's diffusers class, built on ``device`` ('meta': no memory).
-
-    ``"_wrapper"`` names a :mod:`tokenmerge.tools.tiny` module that wraps the diffusers model as a community pipeline
-    does (Zero123++'s reference-attention U-Net).
-    """
-    import diffusers
-
-    from . import tiny
-
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = getattr(diffusers, config["_class_name"]).from_config(config)
-        if config.get("_wrapper"):
-            model = getattr(tiny, config["_wrapper"])(model)
-    # nn.Module.to: diffusers' own .to warns about casting, though these models keep no module in float32.
-    return nn.Module.to(model, device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def is_unet(denoiser: nn.Module) -> bool:

@@ -16,115 +16,61 @@ import json
 import tempfile
 from pathlib import Path
 
+import diffusers
 import torch
 
+from ..models import tiny_configs
+
+#: The image U-Net kinds a tiny text-to-image pipeline can be built with.
 KINDS = ("sd1", "sd2", "sdxl")
 
-_UNET_CONFIGS = {
-    "sd1": dict(
-        block_out_channels=(32, 64, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=8,
-        cross_attention_dim=32,
-    ),
-    "sd2": dict(
-        block_out_channels=(32, 64, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=(2, 4, 8),
-        use_linear_projection=True,
-        cross_attention_dim=32,
-    ),
-    "sdxl": dict(
-        block_out_channels=(32, 64, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4, 8),
-        transformer_layers_per_block=(1, 1, 2),
-        use_linear_projection=True,
-        cross_attention_dim=64,  # two text encoders of width 32, concatenated
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + 6 * 8,
-    ),
-}
+
+def build_denoiser(config: dict, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                   seed: int = 0, frozen: bool = True) -> torch.nn.Module:
+    """A random-weight denoiser of the config's diffusers class (``_class_name``), built on ``device`` ('meta': no
+    memory), in eval mode, without gradients unless ``frozen=False``.
+
+    ``_wrapper`` names a class of this module that wraps the diffusers model as a community pipeline does
+    (Zero123++'s reference-attention U-Net: :class:`ReferenceUNet`).
+    """
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = getattr(diffusers, config["_class_name"]).from_config(config)
+        if config.get("_wrapper"):
+            model = globals()[config["_wrapper"]](model)
+    # nn.Module.to: diffusers' own .to warns about casting, though these models keep no module in float32.
+    return torch.nn.Module.to(model, device=device, dtype=dtype).eval().requires_grad_(not frozen)
 
 
-def unet_config(kind: str) -> dict:
-    """Keyword arguments of ``UNet2DConditionModel`` for a tiny model of the given architecture."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {KINDS}")
-    return dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=16,
-                **_UNET_CONFIGS[kind])
+def tiny_denoiser(name: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random-weight denoiser from its family adapter's config (:func:`tokenmerge.models.tiny_configs`)."""
+    configs = tiny_configs()
+    if name not in configs:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {', '.join(configs)}")
+    return build_denoiser(configs[name], seed=seed, frozen=False)
 
 
 def tiny_unet(kind: str = "sd1", seed: int = 0):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(**unet_config(kind)).eval()
-
-
-#: A PixArt-alpha transformer (``ada_norm_single``, T5-width captions, learned sigma) with few channels.
-PIXART_CONFIG = dict(
-    num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=4, cross_attention_dim=16,
-    attention_bias=True, sample_size=16, patch_size=2, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
-    norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=32,
-)
-#: A DiT (``ada_norm_zero``, class-conditional, learned sigma) with few channels.
-DIT_CONFIG = dict(
-    num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=4, sample_size=16,
-    patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=16,
-)
-#: An AnimateDiff ``UNetMotionModel``: attention and motion modules at levels 0 and 1.
-MOTION_CONFIG = dict(
-    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=16, block_out_channels=(32, 64, 64),
-    down_block_types=("CrossAttnDownBlockMotion", "CrossAttnDownBlockMotion", "DownBlockMotion"),
-    up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion", "CrossAttnUpBlockMotion"),
-    cross_attention_dim=32, num_attention_heads=2, motion_num_attention_heads=2, motion_max_seq_length=16,
-)
-
-
-LCM_TIME_COND_DIM = 16  # the tiny LCM's guidance embedding (LCM_Dreamshaper_v7: 256)
+    if kind not in KINDS:
+        raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {KINDS}")
+    return tiny_denoiser(kind, seed)
 
 
 def tiny_lcm_unet(seed: int = 0):
     """An SD 1.x U-Net with LCM's guidance embedding (``time_cond_proj_dim``): the ``"lcm"`` family."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(**unet_config("sd1"), time_cond_proj_dim=LCM_TIME_COND_DIM).eval()
+    return tiny_denoiser("lcm", seed)
 
 
 def tiny_pixart(seed: int = 0):
-    from diffusers import PixArtTransformer2DModel
-
-    torch.manual_seed(seed)
-    return PixArtTransformer2DModel(**PIXART_CONFIG).eval()
+    return tiny_denoiser("pixart", seed)
 
 
 def tiny_dit(seed: int = 0):
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(seed)
-    return DiTTransformer2DModel(**DIT_CONFIG).eval()
+    return tiny_denoiser("dit", seed)
 
 
 def tiny_motion_unet(seed: int = 0):
-    from diffusers import UNetMotionModel
-
-    torch.manual_seed(seed)
-    return UNetMotionModel(**MOTION_CONFIG).eval()
-
-
-#: The tiny Zero123++-like U-Net: SD 2 layout (linear projections, per-level heads), attention in three levels.
-ZERO123PP_UNET_CONFIG = dict(
-    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=16,
-    block_out_channels=(32, 32, 64, 64), attention_head_dim=(2, 2, 4, 4), use_linear_projection=True,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=32,
-)
+    return tiny_denoiser("animatediff", seed)
 
 
 class ReferenceAttnProcessor:
@@ -171,10 +117,7 @@ class ReferenceUNet(torch.nn.Module):
 
 def tiny_zero123pp(seed: int = 0) -> ReferenceUNet:
     """A Zero123++-like reference-attention U-Net (SD 2 layout, 4 levels, attention in the first three)."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return ReferenceUNet(UNet2DConditionModel(**ZERO123PP_UNET_CONFIG)).eval()
+    return tiny_denoiser("zero123pp", seed)
 
 
 def _char_tokenizer(max_length: int = 77):
