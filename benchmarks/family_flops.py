@@ -11,8 +11,9 @@ import argparse
 import torch
 
 import tokenmerge
-from tokenmerge.tools import bench
 from tokenmerge.models import example_inputs
+from tokenmerge.tools import bench
+from tokenmerge.tools.tiny import build_denoiser
 
 
 def main() -> None:
@@ -25,7 +26,7 @@ def main() -> None:
     print("| model | px | method | ratio | step GFLOPs | FLOP bound |")
     print("| --- | --- | --- | --- | --- | --- |")
     for model in args.models.split(","):
-        denoiser = bench.build_denoiser(bench.model_config(model), meta, torch.float32)
+        denoiser = build_denoiser(bench.model_config(model), meta, torch.float32)
         size = bench.MODELS[model].gpu_sizes[0]
         inputs, kwargs = example_inputs(denoiser, size, 1, meta, torch.float32)
 

@@ -20,12 +20,14 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from plan_cost import CountOps
 from torch.overrides import TorchFunctionMode
 
 import tokenmerge
-from plan_cost import CountOps
-from tokenmerge.tools import bench
 from tokenmerge.models import example_inputs
+from tokenmerge.tools import bench
+from tokenmerge.tools.options import size_list
+from tokenmerge.tools.tiny import build_denoiser
 
 
 class FusedAttention(TorchFunctionMode):
@@ -64,8 +66,8 @@ def main() -> None:
           "| kernels |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for model in args.models.split(","):
-        denoiser = bench.build_denoiser(bench.model_config(model), meta, dtype)
-        for size in bench.size_list(args.sizes):
+        denoiser = build_denoiser(bench.model_config(model), meta, dtype)
+        for size in size_list(args.sizes):
             inputs, kwargs = example_inputs(denoiser, size, 1, meta, dtype)
 
             def step() -> None:

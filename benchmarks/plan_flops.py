@@ -16,8 +16,9 @@ import torch
 
 import tokenmerge
 from tokenmerge import ImportanceMerge, ToMe
-from tokenmerge.tools import bench
 from tokenmerge.models import example_inputs
+from tokenmerge.tools import bench
+from tokenmerge.tools.tiny import build_denoiser
 
 
 def main() -> None:
@@ -29,7 +30,7 @@ def main() -> None:
     parser.add_argument("--match-windows", default="", help="also ToMe with these match_window values, e.g. 1,2")
     args = parser.parse_args()
     meta = torch.device("meta")
-    unet = bench.build_denoiser(bench.model_config(args.model), meta, torch.float32)
+    unet = build_denoiser(bench.model_config(args.model), meta, torch.float32)
     print("| px | method | ratio | step GFLOPs, plan per block | step GFLOPs, plan per level | FLOP bound (block) | "
           "FLOP bound (level) | plans' share of the step's FLOPs (block / level) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")

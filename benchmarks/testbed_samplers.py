@@ -14,7 +14,7 @@ import time
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-from tokenmerge.tools.evaluate import judge_correct
+from tokenmerge.tools.evaluate.metrics import judge_correct
 from tokenmerge.testbed.data import ATTRIBUTES, sample_scenes
 from tokenmerge.testbed.judge import load_judge
 from tokenmerge.testbed.pipeline import load_testbed

@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 
 import tokenmerge
-from tokenmerge.tools import bench, cli
 from tokenmerge.models import example_inputs
 from tokenmerge.models.animatediff import VIDEO_FRAMES
-from tokenmerge.tools.tiny import tiny_unet
+from tokenmerge.tools import bench, cli
+from tokenmerge.tools.options import parse_names, size_list
+from tokenmerge.tools.tiny import build_denoiser, tiny_unet
 
 
 def run_bench(out: Path, *options: str) -> list[dict]:
@@ -39,7 +40,7 @@ def test_end_to_end_writes_table_csv_and_plot_and_merging_cuts_flops(tmp_path, c
     for row in methods.values():
         assert row["status"] == "ok" and row["runs"] == "1" and float(row["median_s"]) > 0
         # CPU: the live tensors' peak plus the weights (the tiny U-Net's are ~5 MiB in float32)
-        assert float(row["peak_mem_mib"]) > bench.weight_bytes(bench.build_denoiser(
+        assert float(row["peak_mem_mib"]) > bench.weight_bytes(build_denoiser(
             bench.model_config("sd15", tiny=True), "meta", torch.float32)) / 2**20
     unpatched = float(methods["unpatched"]["gflops"])
     for method in ("tome", "importance"):
@@ -102,20 +103,20 @@ def test_zero123pp_runs_its_reference_pass_and_merges_the_tiled_views(tmp_path):
     for method in ("tome", "importance"):
         assert views[method]["status"] == "ok" and float(views[method]["flop_bound"]) > 1
     assert "--sizes 192x128" in (tmp_path / "bench.md").read_text()
-    wrapper = bench.build_denoiser(bench.model_config("zero123pp", tiny=True), "cpu", torch.float32)
+    wrapper = build_denoiser(bench.model_config("zero123pp", tiny=True), "cpu", torch.float32)
     args, kwargs = example_inputs(wrapper, (192, 128), 1, torch.device("cpu"), torch.float32)
     assert args[0].shape == (2, 4, 24, 16) and kwargs["cross_attention_kwargs"]["cond_lat"].shape == (2, 4, 40, 40)
-    assert bench.size_list("512, 960x640") == (512, (960, 640))
+    assert size_list("512, 960x640") == (512, (960, 640))
     with pytest.raises(argparse.ArgumentTypeError, match="height x width"):
-        bench.size_list("960x")
+        size_list("960x")
 
 
 def test_family_step_inputs_and_the_lcm_importance_preset():
-    lcm = bench.build_denoiser(bench.model_config("lcm", tiny=True), "cpu", torch.float32)
+    lcm = build_denoiser(bench.model_config("lcm", tiny=True), "cpu", torch.float32)
     args, kwargs = example_inputs(lcm, 128, 2, torch.device("cpu"), torch.float32)
     assert args[0].shape == (2, 4, 16, 16) and args[2].shape == (2, 77, 32)  # no CFG: batch = images
     assert kwargs["timestep_cond"].shape == (2, lcm.config.time_cond_proj_dim)
-    video = bench.build_denoiser(bench.model_config("animatediff", tiny=True), "cpu", torch.float32)
+    video = build_denoiser(bench.model_config("animatediff", tiny=True), "cpu", torch.float32)
     args, kwargs = example_inputs(video, 128, 1, torch.device("cpu"), torch.float32)
     assert args[0].shape == (2, 4, VIDEO_FRAMES, 16, 16) and kwargs == {}  # CFG batch of 2, 16 frames
     assert args[2].shape == (2 * VIDEO_FRAMES, 77, 32)  # text per frame, as AnimateDiffPipeline passes it
@@ -161,7 +162,7 @@ def test_a_ratio_out_of_a_methods_range_is_reported_as_invalid(tmp_path):
                        attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, params=865_910_724)),
 ])
 def test_shipped_full_size_configs_build_their_diffusers_classes(model, expected):
-    denoiser = bench.build_denoiser(bench.model_config(model), "meta", torch.float16)
+    denoiser = build_denoiser(bench.model_config(model), "meta", torch.float16)
     config = getattr(denoiser, "unet", denoiser).config
     for key, value in expected.items():
         if key != "params":
@@ -178,7 +179,7 @@ def test_shipped_full_size_configs_build_their_diffusers_classes(model, expected
 
 def test_bad_names_list_the_known_ones(capsys):
     with pytest.raises(ValueError, match="unknown model 'sd3'.*sd15, sd21, sdxl, pixart, dit"):
-        bench.parse_names("sd15,sd3", bench.MODELS, "model")
+        parse_names("sd15,sd3", bench.MODELS, "model")
     for option, named in (("--models", "known models: sd15"), ("--methods", "known methods: unpatched, tomesd")):
         with pytest.raises(SystemExit) as exit_info:
             bench.main(["--tiny", option, "nope"])
@@ -305,7 +306,7 @@ def test_plan_every_over_several_steps_counts_fewer_plans(tmp_path):
 def test_flops_are_counted_on_the_meta_device_for_a_method_that_follows_the_run():
     """DiT's timestep is a device tensor: on 'meta' it has no value, and the step clock counts calls instead."""
     meta = torch.device("meta")
-    dit = bench.build_denoiser(bench.model_config("dit", tiny=True), meta, torch.float32)
+    dit = build_denoiser(bench.model_config("dit", tiny=True), meta, torch.float32)
     inputs, kwargs = example_inputs(dit, 128, 1, meta, torch.float32)
 
     def step():

@@ -168,9 +168,9 @@ def test_clip_fid_and_lpips_code_paths_with_stand_in_networks(sd_dir, tmp_path, 
     from torchmetrics.regression import MeanAbsoluteError
 
     monkeypatch.setattr(torchmetrics.utilities.imports, "_TORCH_FIDELITY_AVAILABLE", True)
-    monkeypatch.setattr(evaluate, "inception_module", lambda weights: TinyInception())
-    monkeypatch.setattr(evaluate, "lpips_status", lambda: None)
-    monkeypatch.setattr(evaluate, "make_lpips", MeanAbsoluteError)
+    monkeypatch.setattr(evaluate.run, "inception_module", lambda weights: TinyInception())
+    monkeypatch.setattr(evaluate.run, "lpips_status", lambda: None)
+    monkeypatch.setattr(evaluate.run, "make_lpips", MeanAbsoluteError)
     (tmp_path / "val").mkdir()
     images = [{"id": i, "file_name": f"val/{i}.png"} for i in (7, 3, 5)]
     for image in images:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from tokenmerge.tools.evaluate import judge_correct
+from tokenmerge.tools.evaluate.metrics import judge_correct
 from tokenmerge.testbed.data import sample_scenes
 from tokenmerge.testbed.judge import load_judge
 from tokenmerge.testbed.pipeline import WEIGHTS_DIR, load_testbed

@@ -23,9 +23,9 @@ DEMO_SEED = 0
 
 
 def run_demo(args: argparse.Namespace) -> Path:
-    from .evaluate import EvalError, PromptSet, evaluate
     from ..testbed.data import sample_scenes
     from ..testbed.pipeline import load_testbed
+    from .evaluate import EvalError, PromptSet, evaluate
 
     if not 0 < args.ratio <= 0.75:
         args.usage_error(f"--ratio must be in (0, 0.75] (both methods' range), got {args.ratio:g}")
