@@ -22,6 +22,7 @@ from diffusers.models.attention_processor import (
 
 import tokenmerge
 from tokenmerge import ImportanceMerge, ReToM, SiTo, ToFu, ToMe
+from tokenmerge.arguments import Signature
 from tokenmerge.attention import padded_head_dim, self_attention_arguments
 from tokenmerge.plan import MergePlan
 
@@ -46,7 +47,7 @@ def duplicated_tokens(batch: int = 2, channels: int = 32, seed: int = 0):
 
 
 def merged_attention(attn, x, plan, config, **kwargs):
-    args, kwargs, channel = self_attention_arguments(attn, (x,), kwargs, plan, config)
+    args, kwargs, channel = self_attention_arguments(attn, Signature.of(attn), (x,), kwargs, plan, config)
     assert channel is None
     y = attn(*args, **kwargs)
     return plan.unmerge(y) if config.merge_queries else y
@@ -265,4 +266,4 @@ def test_a_mask_with_a_query_dimension_raises_naming_the_shapes_merging_supports
     x, plan = duplicated_tokens()
     mask = torch.zeros(2, x.shape[1], x.shape[1])
     with pytest.raises(ValueError, match=r"one bias per key \(2, 13\)"):
-        self_attention_arguments(attn, (x,), {"attention_mask": mask}, plan, ToMe())
+        self_attention_arguments(attn, Signature.of(attn), (x,), {"attention_mask": mask}, plan, ToMe())

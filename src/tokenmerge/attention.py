@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .arguments import Signature
 from .plan import MergePlan
 
 
@@ -119,17 +120,17 @@ class ChannelBias:
     scale: str  # ProcessorTraits.scale
 
 
-def self_attention_arguments(module: torch.nn.Module, args: tuple, kwargs: dict, plan: MergePlan,
-                             config) -> tuple[tuple, dict, ChannelBias | None]:
+def self_attention_arguments(module: torch.nn.Module, signature: Signature, args: tuple, kwargs: dict,
+                             plan: MergePlan, config) -> tuple[tuple, dict, ChannelBias | None]:
     """The self-attention call on merged tokens: ``(args, kwargs)`` to call ``module`` with, and the channel bias.
 
     Merged queries (default): ``hidden_states`` replaced by the merged tokens. K/V-only: the merged tokens passed
     as ``encoder_hidden_states``. The size bias (and a user's mask, merged) as ``attention_mask``, or for
     ``bias_via="channel"`` returned for the projection hooks.
     """
-    x = args[0] if args else kwargs["hidden_states"]
+    x = signature.read(args, kwargs, "hidden_states")
     merged = plan.merge(x)
-    user_mask = kwargs.get("attention_mask")
+    user_mask = signature.read(args, kwargs, "attention_mask")
     sized = config.proportional_attention and (config.count_pruned or not plan.prune)
     channel = sized and config.bias_via == "channel"
     traits = None
@@ -160,11 +161,11 @@ def self_attention_arguments(module: torch.nn.Module, args: tuple, kwargs: dict,
     elif sized and not channel:
         bias = plan.log_sizes(x.dtype, config.count_pruned)
     if bias is not None:
-        kwargs = {**kwargs, "attention_mask": bias.to(x.dtype)[:, None, :]}
+        args, kwargs = signature.replace(args, kwargs, "attention_mask", bias.to(x.dtype)[:, None, :])
     if config.merge_queries:
-        args, kwargs = ((merged, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": merged})
+        args, kwargs = signature.replace(args, kwargs, "hidden_states", merged)
     else:
-        kwargs = {**kwargs, "encoder_hidden_states": merged}
+        args, kwargs = signature.replace(args, kwargs, "encoder_hidden_states", merged)
     channel_bias = ChannelBias(plan.log_sizes(torch.float32, config.count_pruned), traits.scale) if channel else None
     return args, kwargs, channel_bias
 

@@ -26,12 +26,14 @@ per block.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator
 
 import torch
 
 from . import attention
+from .arguments import Signature
 from .methods.base import PlanContext
 from .models.base import PatchTarget
 from .plan import DEVICE_RNG, MergePlan
@@ -53,26 +55,18 @@ def floor_warnings_off() -> Iterator[None]:
         floor_logger.setLevel(level)
 
 
-def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _replace_first(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (value, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": value}
-
-
 def is_self_attention(module: torch.nn.Module) -> bool:
     """A diffusers ``Attention`` over its own tokens (``attn1``; both attentions of a motion module)."""
     return hasattr(module, "processor") and not getattr(module, "is_cross_attention", True)
 
 
 def install_denoiser_hooks(state: PatchState, denoiser: torch.nn.Module) -> None:
+    signature = Signature.of(denoiser)
+    latent, timestep = state.adapter.latent_argument, "timestep"
+
     @torch.compiler.disable
     def before(module, args, kwargs):
-        sample, timestep = state.adapter.read_inputs(args, kwargs)
-        state.begin_call(sample, timestep)
+        state.begin_call(signature.read(args, kwargs, latent), signature.read(args, kwargs, timestep))
 
     def after(module, args, output):
         state.end_call(output)
@@ -95,6 +89,7 @@ class BlockPatch:
         self.plan: MergePlan | None = None
         self.channel_bias: attention.ChannelBias | None = None  # bias_via="channel", during a merged attention call
         self.queries_kept = False  # merge_queries=False, during a merged attention call
+        self.signature = Signature.of(target.block)  # where the block's call puts hidden_states
 
     def install(self, submodules: list[torch.nn.Module]) -> None:
         block = self.target.block
@@ -105,11 +100,14 @@ class BlockPatch:
         handles.append(block.register_forward_pre_hook(make_plan, with_kwargs=True))
         handles.append(block.register_forward_hook(self._drop_plan))
         for module in submodules:
+            signature = Signature.of(module)
             if not is_self_attention(module):
-                handles.append(module.register_forward_pre_hook(self._merge, with_kwargs=True))
+                handles.append(module.register_forward_pre_hook(functools.partial(self._merge, signature),
+                                                                with_kwargs=True))
                 handles.append(module.register_forward_hook(self._unmerge))
                 continue
-            handles.append(module.register_forward_pre_hook(self._merge_self_attention, with_kwargs=True))
+            handles.append(module.register_forward_pre_hook(
+                functools.partial(self._merge_self_attention, signature), with_kwargs=True))
             handles.append(module.register_forward_hook(self._unmerge_self_attention))
             if config.proportional_attention and config.bias_via == "channel":
                 self._install_bias_channel(module)
@@ -138,7 +136,7 @@ class BlockPatch:
     def _make_plan(self, module, args, kwargs):
         state = self.state
         config = state.config
-        x = _first_tensor(args, kwargs)
+        x = self.signature.read(args, kwargs, "hidden_states")
         batch, tokens, channels = x.shape
         if not config.merges(batch, tokens, channels, x.device.type):  # too small to pay: as is, and reported
             self.plan = None
@@ -199,13 +197,13 @@ class BlockPatch:
     def _drop_plan(self, module, args, output):
         self.plan = None
 
-    def _merge_self_attention(self, module, args, kwargs):
+    def _merge_self_attention(self, signature, module, args, kwargs):
         self.channel_bias = None
         self.queries_kept = False
-        if self.plan is None or kwargs.get("encoder_hidden_states") is not None:
-            return self._merge(module, args, kwargs)
+        if self.plan is None or signature.read(args, kwargs, "encoder_hidden_states") is not None:
+            return self._merge(signature, module, args, kwargs)
         args, kwargs, self.channel_bias = attention.self_attention_arguments(
-            module, args, kwargs, self.plan, self.state.config)
+            module, signature, args, kwargs, self.plan, self.state.config)
         self.queries_kept = not self.state.config.merge_queries
         return args, kwargs
 
@@ -216,9 +214,10 @@ class BlockPatch:
             return None
         return self._unmerge(module, args, output)
 
-    def _merge(self, module, args, kwargs):
+    def _merge(self, signature, module, args, kwargs):
         if self.plan is not None:
-            return _replace_first(args, kwargs, self.plan.merge(_first_tensor(args, kwargs)))
+            return signature.replace(args, kwargs, "hidden_states",
+                                     self.plan.merge(signature.read(args, kwargs, "hidden_states")))
         return None
 
     def _unmerge(self, module, args, output):

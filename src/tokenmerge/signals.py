@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .arguments import Signature
+
 #: Query rows per chunk of the ``N x T`` score matrix (bounds memory at high resolution).
 CHUNK_ELEMENTS = 1 << 24
 
@@ -63,17 +65,18 @@ def install_crossattn_importance(state, adapter) -> None:
     """Hook the final cross-attention block so that each call leaves its map in ``state.importance``."""
     target = adapter.importance_target()
     attn = target.block.attn2
+    signature = Signature.of(attn)
 
     def before_attn2(module, args, kwargs):
         if adapter.skips_call():
             return
-        hidden = args[0] if args else kwargs["hidden_states"]
-        context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        hidden = signature.read(args, kwargs, "hidden_states")
+        context = signature.read(args, kwargs, "encoder_hidden_states")
         if context is None:
             return
         grid = adapter.grid(state.latent_hw, target, hidden.shape[1])
         with torch.no_grad():
-            scores = crossattn_map(module, hidden, context, kwargs.get("attention_mask"))
+            scores = crossattn_map(module, hidden, context, signature.read(args, kwargs, "attention_mask"))
         if state.cfg_pairs:
             half = scores.shape[0] // 2
             scores = scores[:half] if adapter.cond_first else scores[half:]

@@ -20,7 +20,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..hooks import BlockPatch, _first_tensor
+from ..hooks import BlockPatch
 from ..methods.base import PlanContext
 from ..methods.tome import cell_matching
 from ..plan import DEVICE_RNG, plan_from_matching
@@ -106,7 +106,7 @@ class TemporalPatch(BlockPatch):
 
     def _make_plan(self, module, args, kwargs):
         state = self.state
-        x = _first_tensor(args, kwargs)
+        x = self.signature.read(args, kwargs, "hidden_states")
         ctx = PlanContext(grid=(x.shape[1], 1), generator=DEVICE_RNG, block=self.target.name,
                           level=self.target.level, stage=self.target.stage)
         with torch.no_grad():

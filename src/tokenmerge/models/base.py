@@ -66,6 +66,8 @@ class Adapter:
     importance_channels = slice(None)
     #: True when the family's CFG batch is ``[cond; uncond]`` (DiT) rather than ``[uncond; cond]``.
     cond_first = False
+    #: The name of the latent in the denoiser's ``forward`` (read by name with the ``timestep``: :mod:`..arguments`).
+    latent_argument = "sample"
     #: Whether the family's pipelines batch classifier-free guidance (example inputs hold ``2 x images``).
     guided = True
     #: Prompt length of the family's text encoder, for example inputs (CLIP: 77).
@@ -150,13 +152,6 @@ class Adapter:
 
     def _example(self, s: ExampleShape) -> tuple[tuple, dict]:  # pragma: no cover
         raise NotImplementedError
-
-    @staticmethod
-    def read_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, object]:
-        """The latent and the timestep from the denoiser call ``(sample, timestep, ...)``."""
-        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        return sample, timestep
 
     @staticmethod
     def prediction(output: object) -> torch.Tensor:

@@ -28,6 +28,7 @@ class TransformerAdapter(Adapter):
 
     family = "pixart"
     class_name = ""
+    latent_argument = "hidden_states"
 
     def __init__(self, denoiser: nn.Module) -> None:
         super().__init__(denoiser)
@@ -105,12 +106,6 @@ class PixArtAdapter(TransformerAdapter):
         return (s.randn(s.batch, config.in_channels, *s.latent), s.text(config.caption_channels), timestep), {
             "added_cond_kwargs": conditions}
 
-    @staticmethod
-    def read_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, object]:
-        """``forward(hidden_states, encoder_hidden_states, timestep, ...)``."""
-        sample = args[0] if args else kwargs["hidden_states"]
-        timestep = args[2] if len(args) > 2 else kwargs.get("timestep")
-        return sample, timestep
 
 
 class DiTAdapter(TransformerAdapter):
@@ -131,9 +126,3 @@ class DiTAdapter(TransformerAdapter):
         latent = s.randn(s.batch, self.denoiser.config.in_channels, *s.latent)
         return (latent, torch.full((s.batch,), 500, device=s.device), labels), {}
 
-    @staticmethod
-    def read_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, object]:
-        """``forward(hidden_states, timestep, class_labels, ...)``."""
-        sample = args[0] if args else kwargs["hidden_states"]
-        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        return sample, timestep

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..arguments import Signature
 from ..hooks import BlockPatch
 from .base import ExampleShape, PatchTarget
 from .unet import UNetAdapter
@@ -57,8 +58,10 @@ class Zero123PlusAdapter(UNetAdapter):
             getattr(denoiser, "unet", None), UNet2DConditionModel)
 
     def install(self, state) -> None:
+        signature = Signature.of(self.unet)
+
         def before_unet(module, args, kwargs):
-            options = kwargs.get("cross_attention_kwargs") or (args[6] if len(args) > 6 else None) or {}
+            options = signature.read(args, kwargs, "cross_attention_kwargs") or {}
             self.reference_pass = options.get("mode") == REFERENCE_MODE
 
         state.handles.append(self.unet.register_forward_pre_hook(before_unet, with_kwargs=True))

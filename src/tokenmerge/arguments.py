@@ -1,0 +1,61 @@
+"""Reading a module call's arguments by name, wherever the caller put them (positionally or by keyword).
+
+A hook sees ``(args, kwargs)`` as the caller wrote them: diffusers' blocks call ``attn1(norm_hidden_states,
+encoder_hidden_states=..., attention_mask=...)``, a pipeline calls its U-Net with ``sample`` first and its PixArt
+transformer with the timestep third. :class:`Signature` records, once per module when the hooks are installed,
+where each argument of its ``forward`` sits, so the hooks read and replace ``hidden_states``, ``timestep`` or
+``attention_mask`` by name; nothing is inspected during a call (``torch.compile`` traces plain indexing).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+from torch import nn
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+@dataclass(frozen=True)
+class Signature:
+    """The positions of a module's ``forward`` arguments (``self`` excluded)."""
+
+    owner: str
+    positions: dict[str, int]
+    names: frozenset[str]
+    takes_any: bool  # forward(**kwargs): any keyword is accepted
+
+    @classmethod
+    def of(cls, module: nn.Module) -> Signature:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+        positional = [p.name for p in parameters if p.kind in _POSITIONAL]
+        return cls(type(module).__name__, {name: i for i, name in enumerate(positional)},
+                   frozenset(p.name for p in parameters),
+                   any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters))
+
+    def has(self, name: str) -> bool:
+        return name in self.names
+
+    def read(self, args: tuple, kwargs: dict, name: str, default: object = None) -> object:
+        """The argument ``name`` of a call (``default`` when it was not passed)."""
+        index = self.positions.get(name)
+        if index is not None and index < len(args):
+            return args[index]
+        return kwargs.get(name, default)
+
+    def replace(self, args: tuple, kwargs: dict, name: str, value: object) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` with the argument ``name`` set to ``value``, where the caller put it."""
+        index = self.positions.get(name)
+        if index is not None and index < len(args):
+            return (*args[:index], value, *args[index + 1:]), kwargs
+        if not (name in self.names or self.takes_any):
+            raise TypeError(f"{self.owner}.forward takes no argument {name!r}")
+        return args, {**kwargs, name: value}
+
+    def without(self, args: tuple, kwargs: dict, name: str) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` with the argument ``name`` passed as None (positional) or left out (keyword)."""
+        index = self.positions.get(name)
+        if index is not None and index < len(args):
+            return (*args[:index], None, *args[index + 1:]), kwargs
+        return args, {key: value for key, value in kwargs.items() if key != name}
