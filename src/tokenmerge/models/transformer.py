@@ -107,7 +107,6 @@ class PixArtAdapter(TransformerAdapter):
             "added_cond_kwargs": conditions}
 
 
-
 class DiTAdapter(TransformerAdapter):
     family = "dit"
     class_name = "DiTTransformer2DModel"

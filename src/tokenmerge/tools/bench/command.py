@@ -25,6 +25,7 @@ CPU_DEFAULTS = dict(models=("sd15",), ratios=(0.5,), methods=("unpatched", "tome
 GPU_DEFAULTS = dict(models=tuple(MODELS), ratios=(0.3, 0.5, 0.7, 0.75),
                     methods=("unpatched", "tomesd", "tome", "importance"), repeats=10, warmup=3)
 
+
 def complete_args(args: argparse.Namespace, usage_error: Callable[[str], None]) -> argparse.Namespace:
     """Fill the device-dependent defaults (CPU: a small set; GPU: the full one) and parse the name lists."""
     args.device = resolve_device(args.device, usage_error)
@@ -53,7 +54,7 @@ def complete_args(args: argparse.Namespace, usage_error: Callable[[str], None]) 
         usage_error("--compile-backend is only used with --compile MODE (e.g. --compile default)")
     return args
 
-# -- command line -----------------------------------------------------------------------------------
+
 def register(commands) -> argparse.ArgumentParser:
     """Add the ``bench`` subcommand to the CLI's subparsers."""
     bench = commands.add_parser(
@@ -117,6 +118,7 @@ def register(commands) -> argparse.ArgumentParser:
     bench.set_defaults(handler=run_command, usage_error=bench.error)
     return bench
 
+
 def run_command(args: argparse.Namespace) -> list[dict]:
     complete_args(args, args.usage_error)
     rows = run_bench(args)
@@ -134,12 +136,14 @@ def run_command(args: argparse.Namespace) -> list[dict]:
     print("wrote " + ", ".join(map(str, written)))
     return rows
 
+
 def main(argv: list[str] | None = None) -> list[dict]:
     """``python -m tokenmerge.tools.bench ...``: the same as ``tokenmerge bench ...``."""
     parser = argparse.ArgumentParser(prog="tokenmerge")
     register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
     return args.handler(args)
+
 
 if __name__ == "__main__":
     main()

@@ -21,11 +21,11 @@ from ..runtime import synchronize, timed
 from .variants import TimedVariant
 
 
-# -- measuring --------------------------------------------------------------------------------------
 def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
     from torch.utils.flop_counter import sdpa_flop_count
 
     return sdpa_flop_count(query, key, value)
+
 
 def count_flops(step: Callable[[], object]) -> int:
     """FLOPs of one call. FlopCounterMode knows the CUDA attention kernels; the CPU one is added here."""
@@ -35,6 +35,7 @@ def count_flops(step: Callable[[], object]) -> int:
     with FlopCounterMode(display=False, custom_mapping={cpu_sdpa: _cpu_sdpa_flops} if cpu_sdpa else {}) as mode:
         step()
     return mode.get_total_flops()
+
 
 class LiveBytes(TorchDispatchMode):
     """Counts the bytes of the tensors that ops make while it is active and that are still referenced, and their
@@ -64,11 +65,13 @@ class LiveBytes(TorchDispatchMode):
     def _free(self, key: int) -> None:
         self.bytes -= self._live.pop(key)
 
+
 def weight_bytes(module: nn.Module) -> int:
     """Bytes of a module's parameters and buffers (each storage once)."""
     storages = {id(t.untyped_storage()): t.untyped_storage().nbytes()
                 for t in itertools.chain(module.parameters(), module.buffers())}
     return sum(storages.values())
+
 
 def plan_seconds(variant: TimedVariant, denoiser: nn.Module, step: Callable[[], object], device: torch.device) -> float:
     """Seconds spent in the config's ``make_plan`` during one step (an extra, untimed run); also records the
@@ -98,10 +101,12 @@ def plan_seconds(variant: TimedVariant, denoiser: nn.Module, step: Callable[[], 
         cls.make_plan = original
     return spent[0]
 
+
 def measure(variant: TimedVariant, denoiser: nn.Module, step: Callable[[], object], device: torch.device) -> float:
     """One timed run of a variant (patching and unpatching happen outside the timed region)."""
     with variant.patch(denoiser):
         return measure_patched(variant, step, device, weights=None)
+
 
 def measure_patched(variant: TimedVariant, step: Callable[[], object], device: torch.device, weights: int | None) -> float:
     """One timed run of an already patched model. With ``weights`` (bytes; other models share the device: the
@@ -116,6 +121,7 @@ def measure_patched(variant: TimedVariant, step: Callable[[], object], device: t
             peak = peak - allocated + weights
         variant.peak_bytes = max(variant.peak_bytes or 0, peak)
     return seconds
+
 
 @contextlib.contextmanager
 def compiled_runs(variants: list[TimedVariant], denoiser: nn.Module, make_step: Callable[[nn.Module], Callable[[], None]],

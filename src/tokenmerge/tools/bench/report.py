@@ -13,14 +13,16 @@ from .zoo import MODELS, size_label
 CSV_FIELDS = ("model", "size", "method", "ratio", "status", "median_s", "min_s", "max_s", "runs", "speedup",
               "gflops", "flop_bound", "achieved", "plan_s", "plan_share", "peak_mem_mib", "note")
 
-# -- output -----------------------------------------------------------------------------------------
+
 def fmt(value, spec: str = ".3f", suffix: str = "") -> str:
     if value is None or value == "":
         return "-"
     return f"{value:{spec}}{suffix}" if isinstance(value, float) else f"{value}{suffix}"
 
+
 TABLE_HEADER = ("model", "px", "method", "ratio", "median s", "min s", "max s", "speed-up", "GFLOPs", "FLOP bound",
                 "achieved", "plan s", "plan %", "peak MiB", "note")
+
 
 def markdown_table(rows: list[dict]) -> str:
     def cells(r: dict) -> tuple:
@@ -31,6 +33,7 @@ def markdown_table(rows: list[dict]) -> str:
                 fmt(r["plan_share"], ".1%"), fmt(r["peak_mem_mib"], ".0f"), note)
 
     return table_of(TABLE_HEADER, map(cells, rows)) + "\n"
+
 
 def write_plot(rows: list[dict], path: Path) -> Path:
     """Speed-up vs ratio, one panel per model and resolution, one colour per method; dashed: the FLOP bound."""
@@ -62,6 +65,7 @@ def write_plot(rows: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
 
 def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this run, every default spelled out."""

@@ -65,12 +65,14 @@ def bench_resolution(denoiser: nn.Module, size: Size, args: argparse.Namespace) 
             variant.plan_seconds = plan_seconds(variant, denoiser, step, args.device) / args.steps
     return variants
 
+
 def sizes_for(model: str, args: argparse.Namespace) -> tuple[Size, ...]:
     if args.sizes:
         return args.sizes
     if args.tiny:
         return (TINY_SIZE,)
     return MODELS[model].gpu_sizes if args.device.type == "cuda" else MODELS[model].gpu_sizes[:1]
+
 
 def run_bench(args: argparse.Namespace) -> list[dict]:
     """Bench every model and resolution; one row (a dict of CSV_FIELDS) per variant."""
@@ -79,6 +81,7 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
         for model in args.models:
             rows += bench_model(model, args)
     return rows
+
 
 def bench_model(model: str, args: argparse.Namespace) -> list[dict]:
     """Build one model's full-size (or tiny) architecture and bench each of its resolutions."""
@@ -93,6 +96,7 @@ def bench_model(model: str, args: argparse.Namespace) -> list[dict]:
     if args.device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
+
 
 def table_rows(model: str, size: Size, variants: list[TimedVariant], device_type: str) -> list[dict]:
     base = variants[0]  # unpatched

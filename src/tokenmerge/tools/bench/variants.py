@@ -20,7 +20,7 @@ from .zoo import family, is_unet
 #: What a bench run may time: the unpatched baseline, the tomesd package, and every tokenmerge method.
 METHODS = (UNPATCHED, "tomesd", *CONFIGS)
 
-# -- variants ---------------------------------------------------------------------------------------
+
 @dataclass
 class TimedVariant:
     """One (method, ratio) on one model and resolution, and what was measured."""
@@ -37,6 +37,7 @@ class TimedVariant:
     plan_seconds: float | None = None
     skipped: dict[str, int] = field(default_factory=dict)  # blocks below the floor (min_tokens): name -> tokens
 
+
 @contextlib.contextmanager
 def tomesd_patched(denoiser: nn.Module, ratio: float, use_rand: bool) -> Iterator[None]:
     import tomesd
@@ -47,8 +48,10 @@ def tomesd_patched(denoiser: nn.Module, ratio: float, use_rand: bool) -> Iterato
     finally:
         tomesd.remove_patch(denoiser)
 
+
 #: Config fields the bench's options set on every tokenmerge method (None: each method's default).
 FIELD_OPTIONS = ("max_downsample", "min_tokens", "match_window", "plan_every", "merge_mlp")
+
 
 def method_config(method: str, ratio: float, latent: tuple[int, int], device: torch.device, use_rand: bool, seed: int,
                   share_plan: str = "block", fields: dict | None = None, family: str = "sd"):
@@ -69,6 +72,7 @@ def method_config(method: str, ratio: float, latent: tuple[int, int], device: to
             options["importance"] = torch.rand(*latent, generator=torch.Generator().manual_seed(seed)).to(device)
         options["prune_steps"] = 0.0
     return config_class(ratio=ratio, seed=seed, **options)
+
 
 def make_variant(method: str, ratio: float | None, denoiser: nn.Module, latent: tuple[int, int], device: torch.device,
                  use_rand: bool, seed: int, share_plan: str = "block", fields: dict | None = None,

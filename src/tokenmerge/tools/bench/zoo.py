@@ -19,6 +19,7 @@ class ModelSpec:
     tiny_kind: str  # its family's tiny model for --tiny (tokenmerge.models.tiny_configs: sd1, lcm, pixart, ...)
     gpu_sizes: tuple[Size, ...]  # default resolutions on GPU; the first is the model's native one
 
+
 MODELS = {
     "sd15": ModelSpec("SD 1.5", "sd15_unet.json", "sd1", (512, 1024, 2048)),
     "sd21": ModelSpec("SD 2.1", "sd21_unet.json", "sd2", (768,)),
@@ -32,7 +33,7 @@ MODELS = {
 
 TINY_SIZE = 128  # the tiny configs' sample_size (16) x 8
 
-# -- models and inputs ------------------------------------------------------------------------------
+
 def model_config(name: str, tiny: bool = False) -> dict:
     """The diffusers config (``_class_name`` included) of a model: shipped full-size, or tiny."""
     spec = MODELS[parse_names(name, MODELS, "model")[0]]
@@ -40,21 +41,26 @@ def model_config(name: str, tiny: bool = False) -> dict:
         return dict(tiny_configs()[spec.tiny_kind])
     return json.loads(resources.files("tokenmerge").joinpath("configs", spec.config_file).read_text())
 
+
 def is_unet(denoiser: nn.Module) -> bool:
     return type(denoiser).__name__ == "UNet2DConditionModel"
+
 
 def family(denoiser: nn.Module) -> str:
     """The denoiser's tokenmerge family (``sd``, ``lcm``, ``animatediff``, ``pixart``, ``dit``, ``zero123pp``)."""
     return adapter_for(denoiser).family
 
+
 def pixels(size: Size) -> tuple[int, int]:
     """``(height, width)`` in pixels."""
     return (size, size) if isinstance(size, int) else size
+
 
 def latent_size(size: Size) -> tuple[int, int]:
     """The latent ``(height, width)`` of an image size (VAE factor 8)."""
     height, width = pixels(size)
     return height // 8, width // 8
+
 
 def size_label(size: Size) -> str:
     return str(size) if isinstance(size, int) else f"{size[0]}x{size[1]}"

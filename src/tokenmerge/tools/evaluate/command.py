@@ -64,6 +64,7 @@ def register(commands) -> argparse.ArgumentParser:
     parser.set_defaults(handler=run_eval, usage_error=parser.error)
     return parser
 
+
 def run_eval(args: argparse.Namespace) -> EvalResult:
     try:
         return evaluate(

@@ -17,6 +17,7 @@ from ...testbed.data import ATTRIBUTES, Scene, object_mask
 
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"  # what torchvision (hence torchmetrics' LPIPS) loads for AlexNet
 
+
 def lpips_status() -> str | None:
     """None when torchmetrics' LPIPS can run offline (torchvision and AlexNet's weights present), else why not."""
     weights = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_WEIGHTS
@@ -33,11 +34,13 @@ def lpips_status() -> str | None:
     return (f"LPIPS skipped (recorded as null): {missing}; torchvision downloads {ALEXNET_WEIGHTS} there on first "
             "use when online, or copy it there")
 
+
 def make_lpips() -> nn.Module:
     """torchmetrics' LPIPS (AlexNet, the LPIPS paper's default), on images in ``[0, 1]``."""
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
     return LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
+
 
 class FeatureIdentity(nn.Module):
     """A "feature extractor" for features already computed: lets torchmetrics' FID statistics take them."""
@@ -48,6 +51,7 @@ class FeatureIdentity(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return features
+
 
 class JudgeFeatures(nn.Module):
     """The judge's 128-d penultimate features (``Judge.features``) of images in ``[0, 1]``: the FD's space."""
@@ -62,6 +66,7 @@ class JudgeFeatures(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.judge.features(images.float())
+
 
 def frechet_distance(features_a: torch.Tensor | np.ndarray, features_b: torch.Tensor | np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets ``(n, d)``, in float64.
@@ -81,7 +86,9 @@ def frechet_distance(features_a: torch.Tensor | np.ndarray, features_b: torch.Te
     metric.update(b, real=False)
     return max(0.0, float(metric.compute()))
 
+
 REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
 
 class Scores:
     """Every metric of one variant, as torchmetrics accumulators that sum over processes when computed."""
@@ -135,6 +142,7 @@ class Scores:
             values[name] = None if math.isnan(value) else value
         return values
 
+
 class ClipFeatures(nn.Module):
     """A ``CLIPModel`` whose ``get_image_features`` / ``get_text_features`` return the projected embeddings as
     tensors: transformers 5 returns model outputs (embeddings in ``pooler_output``), which torchmetrics' CLIPScore
@@ -155,6 +163,7 @@ class ClipFeatures(nn.Module):
     def get_text_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._embeddings(self.model.get_text_features(*args, **kwargs))
 
+
 def inception_module(weights: str | Path) -> nn.Module:
     """The FID Inception v3 (torch-fidelity's port of the TensorFlow network, 2048-d pool features, uint8 images
     in) from a local weights file: what ``FrechetInceptionDistance(feature=2048)`` builds, without a download."""
@@ -162,6 +171,7 @@ def inception_module(weights: str | Path) -> nn.Module:
 
     return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
                               feature_extractor_weights_path=str(weights))
+
 
 def judge_correct(judge: nn.Module, images: torch.Tensor, scenes: Sequence[Scene]) -> torch.Tensor:
     """``(B, attributes)`` bool on the images' device: the judge reads each attribute as the caption says."""
@@ -171,8 +181,10 @@ def judge_correct(judge: nn.Module, images: torch.Tensor, scenes: Sequence[Scene
     targets = label_tensor(list(scenes))
     return torch.stack([predicted[name] == targets[name].to(images.device) for name in ATTRIBUTES], dim=1)
 
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
 
 def load_reference_image(path: Path, height: int, width: int) -> np.ndarray:
     """An RGB image center-cropped to the generated aspect ratio and resized (bicubic) to the generated size."""
@@ -183,6 +195,7 @@ def load_reference_image(path: Path, height: int, width: int) -> np.ndarray:
         left, top = (image.width - crop_w) // 2, (image.height - crop_h) // 2
         image = image.crop((left, top, left + crop_w, top + crop_h)).resize((width, height), Image.Resampling.BICUBIC)
         return np.asarray(image)
+
 
 def region_psnr(images: torch.Tensor, reference: torch.Tensor, scenes: Sequence[Scene]) -> dict[str, torch.Tensor]:
     """Per-image PSNR (dB, data range 1) inside each scene's object region and over its background.

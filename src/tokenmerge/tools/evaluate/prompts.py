@@ -18,6 +18,7 @@ DEFAULT_COUNT = 200
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 
+
 @dataclass
 class PromptSet:
     """The prompts, and their testbed scenes when every prompt is a testbed caption (judge metrics)."""
@@ -34,6 +35,7 @@ class PromptSet:
         by_caption = {scene.caption: scene for scene in all_scenes()}
         scenes = [by_caption.get(prompt) for prompt in prompts]
         return cls(prompts, scenes if all(scene is not None for scene in scenes) else None, source)
+
 
 def read_coco_captions(path: str | Path, image_root: str | Path | None = None) -> list[tuple[str, Path]]:
     """``(caption, image path)`` per image of a COCO-style captions file, in image-id order (first caption).
@@ -53,6 +55,7 @@ def read_coco_captions(path: str | Path, image_root: str | Path | None = None) -
                         f"and 'annotations' [image_id, caption]): {err!r}") from None
     root = Path(image_root) if image_root is not None else path.parent
     return [(captions[key], root / files[key]) for key in sorted(captions) if key in files]
+
 
 def load_prompts(path: str | Path | None = None, split: str = DEFAULT_SPLIT, count: int | None = None
                  ) -> PromptSet:
@@ -76,6 +79,7 @@ def load_prompts(path: str | Path | None = None, split: str = DEFAULT_SPLIT, cou
     scenes = sample_scenes(split, DEFAULT_COUNT if count is None else count)
     return PromptSet([scene.caption for scene in scenes], scenes, f"testbed split {split!r}")
 
+
 def reference_images(path: str | Path, image_root: str | Path | None = None) -> list[Path]:
     """The FID reference images: every image under a folder, or those a COCO captions file lists."""
     path = Path(path)
@@ -92,6 +96,7 @@ def reference_images(path: str | Path, image_root: str | Path | None = None) -> 
     if not files:
         raise EvalError(f"--fid-reference {path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) there")
     return files
+
 
 def check_metric_paths(clip_model: str | Path | None, fid_reference: str | Path | None,
                        inception_weights: str | Path | None, image_root: str | Path | None = None) -> list[Path]:
@@ -118,6 +123,7 @@ def check_metric_paths(clip_model: str | Path | None, fid_reference: str | Path 
     if not _TORCH_FIDELITY_AVAILABLE:
         raise EvalError("FID needs the torch-fidelity package (its Inception network): pip install torch-fidelity")
     return references
+
 
 def load_model(model: str | Path | None = None, dtype: str = "float32"):
     """The testbed (``model`` None), a saved testbed folder, or any diffusers pipeline folder (safetensors)."""

@@ -25,6 +25,7 @@ ROW_FIELDS = ("method", "ratio", "seconds_per_image", "speedup", "psnr", "psnr_o
               "lpips", "accuracy",
               *(f"accuracy_{name}" for name in ATTRIBUTES), "fd", "clip_score", "fid", "n")
 
+
 @dataclass
 class EvalResult:
     """What :func:`evaluate` measured: one row per variant (the reference first), notes, files written."""
@@ -40,6 +41,7 @@ class EvalResult:
                 return row
         raise KeyError(f"no row for {method} {ratio}")
 
+
 def _rows(variants: list[Variant], computed: dict[str, dict[str, float | None]]) -> list[dict[str, Any]]:
     reference = computed[REFERENCE.label]
     reference_time = reference["seconds"] / reference["images"]
@@ -52,6 +54,7 @@ def _rows(variants: list[Variant], computed: dict[str, dict[str, float | None]])
                    speedup=reference_time / seconds, n=int(values["images"]))
         rows.append(row)
     return rows
+
 
 def write_results(result: EvalResult, out: Path, variants: list[Variant], grid_cells, grid_prompts: int,
                   log: Callable[[str], None] = print) -> dict[str, Path]:
@@ -75,9 +78,11 @@ def write_results(result: EvalResult, out: Path, variants: list[Variant], grid_c
     log("wrote " + ", ".join(str(path) for path in files.values()))
     return files
 
+
 def _json_row(row: dict[str, Any]) -> dict[str, Any]:
     """Strict JSON: an infinite PSNR (identical images) is written as the string "inf"."""
     return {key: ("inf" if isinstance(value, float) and math.isinf(value) else value) for key, value in row.items()}
+
 
 def _csv_value(value: Any) -> Any:
     if value is None:
@@ -85,6 +90,7 @@ def _csv_value(value: Any) -> Any:
     if isinstance(value, float):
         return "inf" if math.isinf(value) else f"{value:.6g}"
     return value
+
 
 COLUMNS = {  # row key -> (markdown header, format)
     "method": ("method", "{}"), "ratio": ("ratio", "{:g}"), "seconds_per_image": ("s / image", "{:.4g}"),
@@ -97,11 +103,13 @@ COLUMNS = {  # row key -> (markdown header, format)
 
 ALWAYS_SHOWN = ("method", "ratio", "seconds_per_image", "speedup", "n")
 
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The rows as a markdown table; a metric column nobody has a value for is left out."""
     keys = [key for key in COLUMNS if key in ALWAYS_SHOWN or any(row[key] is not None for row in rows)]
     return table_of([COLUMNS[key][0] for key in keys], ([_cell(row[key], COLUMNS[key][1]) for key in keys]
                                                         for row in rows))
+
 
 def _cell(value: Any, spec: str) -> str:
     if value is None:
@@ -109,6 +117,7 @@ def _cell(value: Any, spec: str) -> str:
     if isinstance(value, float) and math.isinf(value):
         return "inf"
     return spec.format(value)
+
 
 def _markdown_report(result: EvalResult, table: str) -> str:
     s = result.settings
@@ -127,8 +136,10 @@ def _markdown_report(result: EvalResult, table: str) -> str:
               "Grid columns:", *(f"{i}. {prompt}" for i, prompt in enumerate(s["grid_prompts"])), ""]
     return "\n".join(lines)
 
+
 PLOTTED = (("accuracy", "condition accuracy"), ("fd", "FD (judge features)"), ("psnr", "PSNR dB"),
            ("ssim", "SSIM"), ("lpips", "LPIPS"), ("clip_score", "CLIP score"), ("fid", "FID"))
+
 
 def plot_quality(rows: list[dict[str, Any]], path: Path) -> Path:
     """One panel per available quality metric against the measured speed-up; a line per method (its ratios)."""
@@ -165,6 +176,7 @@ def plot_quality(rows: list[dict[str, Any]], path: Path) -> Path:
         axes[0].text(0.5, 0.5, "no quality metric available", ha="center", va="center")
     figure.savefig(path, dpi=110)
     return path
+
 
 def image_grid(rows: list[list[np.ndarray]], row_labels: Sequence[str], column_labels: Sequence[str]) -> Image.Image:
     """Images in a table: a labelled row per variant, a labelled column per prompt; small images scaled up."""

@@ -43,23 +43,28 @@ def shard(items: Sequence, num_processes: int, process_index: int) -> list:
     start = process_index * size + min(process_index, extra)
     return list(items[start : start + size + (process_index < extra)])
 
+
 def batches_of(count: int, batch: int) -> list[list[int]]:
     """Prompt indices ``0..count-1`` in batches of ``batch`` (the last may be shorter)."""
     return [list(range(start, min(start + batch, count))) for start in range(0, count, batch)]
+
 
 def batch_seed(seed: int, first_index: int) -> int:
     """The generator seed of the batch starting at prompt ``first_index``: distinct noise in every batch, the
     same for the reference and every method, and independent of how batches are spread over processes."""
     return int(np.random.SeedSequence([seed, first_index]).generate_state(1)[0])
 
+
 def real_jitter_seed(index: int, seed: int) -> int:
     """Jitter seed of the real testbed image that stands for prompt ``index`` at ``seed`` in the FD."""
     return int(np.random.SeedSequence([0x7E57, index, seed]).generate_state(1)[0])
+
 
 def _generate(pipe, prompts: list[str], steps: int, seed: int, device: torch.device, options: dict) -> torch.Tensor:
     generator = torch.Generator(device).manual_seed(seed)
     images = pipe(prompt=prompts, num_inference_steps=steps, generator=generator, output_type="pt", **options).images
     return images.float().clamp(0, 1)
+
 
 def evaluate(
     model: Any = None, *, methods: str | Sequence[str | MethodConfig] = DEFAULT_METHODS,
@@ -247,6 +252,7 @@ def evaluate(
     state.wait_for_everyone()
     return result
 
+
 def _patched(pipe, variant: Variant, noise_seed: int):
     """The variant's patch for one call (a no-op context for the reference); unseeded configs get the call's seed."""
     import contextlib
@@ -257,6 +263,7 @@ def _patched(pipe, variant: Variant, noise_seed: int):
     if config.seed is None:
         config = dataclasses.replace(config, seed=noise_seed)
     return patched(pipe, config)
+
 
 def _score_batch(outputs: dict[str, torch.Tensor], scores: dict[str, Scores], batch_indices: list[int],
                  prompts: list[str], scenes: list[Scene] | None, seed: int, judge, real: dict[str, Any],

@@ -14,8 +14,10 @@ KNOWN_METHODS = tuple(METHODS)
 
 DEFAULT_METHODS = ",".join(KNOWN_METHODS)
 
+
 class EvalError(ValueError):
     """A bad input to :func:`evaluate` (the CLI turns it into a usage error, exit code 2)."""
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -41,11 +43,13 @@ class Variant:
         name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", self.method).strip("_")
         return name if self.config is None else f"{name}-{self.config.ratio:g}"
 
+
 REFERENCE = Variant(UNPATCHED)
 
 #: The unpatched model again, from other noise (``noise_floor=True``): the accuracy and FD differences that are
 #: sampling noise, and the PSNR of an unrelated sample of the same caption.
 NOISE_FLOOR = Variant("unpatched, other noise", noise_offset=1_000_003)
+
 
 def method_name(config: MethodConfig) -> str:
     """The method's CLI name, followed by the fields set away from their defaults: ``importance[dst_selection=topk]``."""
@@ -56,8 +60,10 @@ def method_name(config: MethodConfig) -> str:
                and getattr(config, field.name) != getattr(default, field.name)]
     return f"{name}[{';'.join(changed)}]" if changed else name
 
+
 def _plain(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
+
 
 def _option_value(text: str) -> Any:
     lowered = text.strip().lower()
@@ -70,7 +76,9 @@ def _option_value(text: str) -> Any:
             pass
     return text.strip()
 
+
 _METHOD_ITEM = re.compile(r"^\s*([A-Za-z_]*)\s*(?:\[([^\]]*)\])?\s*(?::(.*))?$")
+
 
 def parse_methods(methods: str | Sequence[str | MethodConfig], ratios: Sequence[float] | None = None
                   ) -> list[Variant]:
