@@ -267,7 +267,7 @@ def build(case, x=None):
 @SETTINGS
 @given(importance_cases())
 def test_importance_plan_invariants(case):
-    config, h, w, b = case["config"], case["h"], case["w"], case["b"]
+    config, h, w = case["config"], case["h"], case["w"]
     n = h * w
     x, importance, plan = build(case)
     if plan is None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tokenmerge
-from tokenmerge import ImportanceMerge, ToMe, signals
+from tokenmerge import ImportanceMerge, signals
 from tokenmerge.tools.tiny import tiny_lcm_unet, tiny_unet
 
 from .conftest import run, unet_inputs

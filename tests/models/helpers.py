@@ -8,12 +8,11 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 import tokenmerge
-from tokenmerge import ImportanceMerge, ReToM, SiTo, ToFu, ToMe
+from tokenmerge.methods import METHODS
 
-#: One config of every method, seeded, at a ratio each accepts.
-EVERY_METHOD = [ToMe(ratio=0.5, seed=0), ImportanceMerge(ratio=0.5, seed=0), ToFu(ratio=0.5, seed=0),
-                SiTo(ratio=0.5, seed=0), ReToM(ratio=0.5, seed=0)]
-METHOD_IDS = ["tome", "importance", "tofu", "sito", "retom"]
+#: One config of every registered method, seeded, at a ratio each accepts.
+EVERY_METHOD = [method(ratio=0.5, seed=0) for method in METHODS.values()]
+METHOD_IDS = list(METHODS)
 #: The self-attention modes every family runs (docs/methods.md, "Size-aware keys and K/V-only merging").
 ATTENTION_MODES = [dict(proportional_attention=True), dict(merge_queries=False, proportional_attention=True),
                    dict(proportional_attention=True, bias_via="channel")]

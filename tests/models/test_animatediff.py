@@ -11,8 +11,11 @@ import tokenmerge
 from tokenmerge import ImportanceMerge, ToMe
 from tokenmerge.tools.tiny import tiny_motion_unet
 
-from .helpers import (ATTENTION_IDS, ATTENTION_MODES, EVERY_METHOD, METHOD_IDS, CountingProcessor,
-                      check_compiles_whole, check_merges_and_restores, check_ratio_zero_is_identical)
+from tokenmerge.methods import METHODS
+
+from .helpers import (ATTENTION_IDS, ATTENTION_MODES, CountingProcessor, check_compiles_whole,
+                      check_merges_and_restores, check_ratio_zero_is_identical)
+from .kit import FamilyConformance
 
 FRAMES = 4
 
@@ -31,21 +34,24 @@ def call(unet, batch=2, t=500, seed=0, latents=None):
         return unet(x, torch.tensor(t), text).sample
 
 
-@pytest.mark.parametrize("config", [ToMe(ratio=0.0), ImportanceMerge(ratio=0.0), ToMe(ratio=0.0, temporal_ratio=0.0)])
-def test_ratio_zero_is_bit_identical(motion_unet, config):
-    check_ratio_zero_is_identical(motion_unet, call, config)
+class TestAnimateDiff(FamilyConformance):
+    build = staticmethod(tiny_motion_unet)
+    call = staticmethod(call)
+    timesteps = (950, 500)
 
 
-@pytest.mark.parametrize("config", EVERY_METHOD, ids=METHOD_IDS)
-def test_every_method_runs_and_remove_restores_bit_identical_outputs(motion_unet, config):
-    merged = check_merges_and_restores(motion_unet, call, config)
-    assert all(m.shape == (2, 4, FRAMES, 16, 16) for m in merged)
+def test_every_method_keeps_the_video_shape(motion_unet):
+    for name, method in METHODS.items():
+        merged = check_merges_and_restores(motion_unet, call, method(ratio=0.5, seed=0))
+        assert all(m.shape == (2, 4, FRAMES, 16, 16) for m in merged), name
 
 
-@pytest.mark.parametrize("config", [ToMe(ratio=0.5, temporal_ratio=0.5), ImportanceMerge(ratio=0.5)],
-                         ids=["tome-temporal", "importance"])
-def test_compiles_whole(motion_unet, config):
-    check_compiles_whole(motion_unet, call, config)
+def test_temporal_ratio_zero_is_bit_identical(motion_unet):
+    check_ratio_zero_is_identical(motion_unet, call, ToMe(ratio=0.0, temporal_ratio=0.0))
+
+
+def test_compiles_whole_with_temporal_merging(motion_unet):
+    check_compiles_whole(motion_unet, call, ToMe(ratio=0.5, temporal_ratio=0.5))
 
 
 @pytest.mark.parametrize("mode", ATTENTION_MODES, ids=ATTENTION_IDS)

@@ -12,8 +12,8 @@ from tokenmerge import ImportanceMerge, ToMe
 from tokenmerge.models.transformer import block_range
 from tokenmerge.tools.tiny import tiny_dit, tiny_pixart, tiny_unet
 
-from .helpers import (ATTENTION_IDS, ATTENTION_MODES, EVERY_METHOD, METHOD_IDS, CountingProcessor,
-                      check_compiles_whole, check_merges_and_restores, check_ratio_zero_is_identical)
+from .helpers import CountingProcessor
+from .kit import FamilyConformance
 
 GEN = torch.Generator()
 
@@ -44,31 +44,14 @@ def family(request):
     return request.param, build(), call
 
 
-@pytest.mark.parametrize("config", [ToMe(ratio=0.0), ImportanceMerge(ratio=0.0)], ids=["tome", "importance"])
-def test_ratio_zero_is_bit_identical(family, config):
-    _, model, call = family
-    check_ratio_zero_is_identical(model, call, config)
+class TestPixArt(FamilyConformance):
+    build = staticmethod(tiny_pixart)
+    call = staticmethod(pixart_call)
 
 
-@pytest.mark.parametrize("config", EVERY_METHOD, ids=METHOD_IDS)
-def test_every_method_runs_and_remove_restores_bit_identical_outputs(family, config):
-    _, model, call = family
-    check_merges_and_restores(model, call, config, timesteps=(950, 700, 400))
-
-
-@pytest.mark.parametrize("mode", ATTENTION_MODES, ids=ATTENTION_IDS)
-def test_attention_modes_run_and_remove_restores_bit_identical_outputs(family, mode):
-    _, model, call = family
-    check_ratio_zero_is_identical(model, call, ImportanceMerge(ratio=0.0, **mode))
-    plain = check_merges_and_restores(model, call, ImportanceMerge(ratio=0.5, seed=0, proportional_attention=False))
-    merged = check_merges_and_restores(model, call, ImportanceMerge(ratio=0.5, seed=0, **mode))
-    assert not torch.allclose(merged[-1], plain[-1], atol=1e-6)
-
-
-@pytest.mark.parametrize("config", [ToMe(ratio=0.5), ImportanceMerge(ratio=0.5)], ids=["tome", "importance"])
-def test_compiles_whole(family, config):
-    _, model, call = family
-    check_compiles_whole(model, call, config)
+class TestDiT(FamilyConformance):
+    build = staticmethod(tiny_dit)
+    call = staticmethod(dit_call)
 
 
 def test_pixart_preset_merges_self_and_cross_attention_of_the_middle_half():

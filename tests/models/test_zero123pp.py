@@ -6,11 +6,10 @@ import pytest
 import torch
 
 import tokenmerge
-from tokenmerge import ImportanceMerge, ToMe
+from tokenmerge import ImportanceMerge
 from tokenmerge.tools.tiny import ReferenceAttnProcessor, tiny_zero123pp
 
-from .helpers import (EVERY_METHOD, METHOD_IDS, check_compiles_whole, check_merges_and_restores,
-                      check_ratio_zero_is_identical)
+from .kit import FamilyConformance
 
 VIEW = 8  # latent side of one view (320 px / 8 = 40 in the real model)
 TILED = (3 * VIEW, 2 * VIEW)  # six views, 3 rows x 2 columns
@@ -30,14 +29,10 @@ def call(model, t=500, seed=0):
         return model(views, torch.tensor(t), text, cross_attention_kwargs={"cond_lat": reference}).sample
 
 
-@pytest.mark.parametrize("config", [ToMe(ratio=0.0), ImportanceMerge(ratio=0.0)], ids=["tome", "importance"])
-def test_ratio_zero_is_bit_identical(model, config):
-    check_ratio_zero_is_identical(model, call, config)
-
-
-@pytest.mark.parametrize("config", EVERY_METHOD, ids=METHOD_IDS)
-def test_every_method_runs_and_remove_restores_bit_identical_outputs(model, config):
-    check_merges_and_restores(model, call, config)
+class TestZero123Plus(FamilyConformance):
+    build = staticmethod(tiny_zero123pp)
+    call = staticmethod(call)
+    takes_attention_modes = False  # its reference attention extends the keys inside its own processor
 
 
 class Recording(ReferenceAttnProcessor):
@@ -51,11 +46,6 @@ class Recording(ReferenceAttnProcessor):
         keys = hidden_states.shape[1] + (stored.shape[1] if mode == "r" else 0)
         self.calls.append((mode, hidden_states.shape[1], keys))
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, mode, ref_dict)
-
-
-@pytest.mark.parametrize("config", [ToMe(ratio=0.5), ImportanceMerge(ratio=0.5)], ids=["tome", "importance"])
-def test_compiles_whole(model, config):
-    check_compiles_whole(model, call, config)
 
 
 def test_views_are_merged_and_attend_to_the_whole_reference():

@@ -39,9 +39,9 @@ from __future__ import annotations
 
 from .command import CPU_DEFAULTS, GPU_DEFAULTS, complete_args, main, register, run_command
 from .measure import LiveBytes, count_flops, weight_bytes
-from .report import markdown_table
+from .report import bench_table
 from .run import run_bench, sizes_for
 from .variants import METHODS, TimedVariant, make_variant, method_config, tomesd_patched
 from .zoo import MODELS, family, latent_size, model_config, size_label
 
-__all__ = ["CPU_DEFAULTS", "GPU_DEFAULTS", "LiveBytes", "METHODS", "MODELS", "TimedVariant", "complete_args", "count_flops", "family", "latent_size", "main", "make_variant", "markdown_table", "method_config", "model_config", "register", "run_bench", "run_command", "size_label", "sizes_for", "tomesd_patched", "weight_bytes"]
+__all__ = ["CPU_DEFAULTS", "GPU_DEFAULTS", "LiveBytes", "METHODS", "MODELS", "TimedVariant", "complete_args", "count_flops", "family", "latent_size", "bench_table", "main", "make_variant", "method_config", "model_config", "register", "run_bench", "run_command", "size_label", "sizes_for", "tomesd_patched", "weight_bytes"]

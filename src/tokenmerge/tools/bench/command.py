@@ -14,7 +14,7 @@ from ...methods.base import SHARE_PLAN
 from ..options import ATTENTION_MODES, at_least, name_list, parse_names, ratio_list, size_list
 from ..reports import write_csv
 from ..runtime import DTYPES, resolve_device
-from .report import CSV_FIELDS, command_line, markdown_table, write_plot
+from .report import CSV_FIELDS, bench_table, command_line, write_plot
 from .run import run_bench
 from .variants import METHODS
 from .zoo import MODELS, TINY_SIZE, size_label
@@ -129,7 +129,7 @@ def run_command(args: argparse.Namespace) -> list[dict]:
     title = (f"One denoiser step, {batch}, {machine} {args.dtype_name}, "
              f"{args.warmup} warm-up + {args.repeats} interleaved rounds, torch {torch.__version__}"
              f"{', tiny configs' if args.tiny else ''}\n\n")
-    table = markdown_table(rows)
+    table = bench_table(rows)
     print(title + table)
     (args.out / "bench.md").write_text(f"{title}```\n{command_line(args)}\n```\n\n{table}")
     written = [args.out / "bench.md", write_csv(rows, args.out / "bench.csv", CSV_FIELDS), write_plot(rows, args.out / "bench.png")]

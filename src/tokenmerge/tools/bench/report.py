@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..options import UNPATCHED
-from ..reports import markdown_table as table_of
+from ..reports import markdown_table
 from .variants import METHODS
 from .zoo import MODELS, size_label
 
@@ -24,7 +24,7 @@ TABLE_HEADER = ("model", "px", "method", "ratio", "median s", "min s", "max s", 
                 "achieved", "plan s", "plan %", "peak MiB", "note")
 
 
-def markdown_table(rows: list[dict]) -> str:
+def bench_table(rows: list[dict]) -> str:
     def cells(r: dict) -> tuple:
         note = r["note"] if r["status"] == "ok" else f"{r['status']}: {r['note']}"
         return (r["model"], r["size"], r["method"], fmt(r["ratio"], "g"), fmt(r["median_s"], ".4f"),
@@ -32,7 +32,7 @@ def markdown_table(rows: list[dict]) -> str:
                 fmt(r["flop_bound"], ".2f", "x"), fmt(r["achieved"], ".0%"), fmt(r["plan_s"], ".4f"),
                 fmt(r["plan_share"], ".1%"), fmt(r["peak_mem_mib"], ".0f"), note)
 
-    return table_of(TABLE_HEADER, map(cells, rows)) + "\n"
+    return markdown_table(TABLE_HEADER, map(cells, rows)) + "\n"
 
 
 def write_plot(rows: list[dict], path: Path) -> Path:

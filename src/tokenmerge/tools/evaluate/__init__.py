@@ -25,8 +25,8 @@ from __future__ import annotations
 from .command import register, run_eval
 from .metrics import JudgeFeatures, frechet_distance, region_psnr
 from .prompts import PromptSet, load_model, load_prompts, read_coco_captions, reference_images
-from .report import GRID_CELL, RESULT_FILES, EvalResult, markdown_table
+from .report import GRID_CELL, RESULT_FILES, EvalResult, results_table
 from .run import batches_of, evaluate, shard
 from .variants import DEFAULT_METHODS, NOISE_FLOOR, REFERENCE, EvalError, Variant, method_name, parse_methods
 
-__all__ = ["DEFAULT_METHODS", "EvalError", "EvalResult", "GRID_CELL", "JudgeFeatures", "NOISE_FLOOR", "PromptSet", "REFERENCE", "RESULT_FILES", "Variant", "batches_of", "evaluate", "frechet_distance", "load_model", "load_prompts", "markdown_table", "method_name", "parse_methods", "read_coco_captions", "reference_images", "region_psnr", "register", "run_eval", "shard"]
+__all__ = ["DEFAULT_METHODS", "EvalError", "EvalResult", "GRID_CELL", "JudgeFeatures", "NOISE_FLOOR", "PromptSet", "REFERENCE", "RESULT_FILES", "Variant", "batches_of", "evaluate", "frechet_distance", "load_model", "load_prompts", "method_name", "parse_methods", "read_coco_captions", "reference_images", "region_psnr", "register", "results_table", "run_eval", "shard"]

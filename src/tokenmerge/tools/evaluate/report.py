@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ...testbed.data import ATTRIBUTES
-from ..reports import markdown_table as table_of
+from ..reports import markdown_table
 from .variants import REFERENCE, Variant
 
 GRID_CELL = 96  # grid images are scaled up by a whole factor to about this many pixels (testbed images are 32)
@@ -67,7 +67,7 @@ def write_results(result: EvalResult, out: Path, variants: list[Variant], grid_c
         writer.writeheader()
         for row in result.rows:
             writer.writerow({key: _csv_value(row[key]) for key in ROW_FIELDS})
-    table = markdown_table(result.rows)
+    table = results_table(result.rows)
     log(table)
     files["results.md"].write_text(_markdown_report(result, table))
     plot_quality(result.rows, files["quality_vs_speedup.png"])
@@ -104,10 +104,10 @@ COLUMNS = {  # row key -> (markdown header, format)
 ALWAYS_SHOWN = ("method", "ratio", "seconds_per_image", "speedup", "n")
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
+def results_table(rows: list[dict[str, Any]]) -> str:
     """The rows as a markdown table; a metric column nobody has a value for is left out."""
     keys = [key for key in COLUMNS if key in ALWAYS_SHOWN or any(row[key] is not None for row in rows)]
-    return table_of([COLUMNS[key][0] for key in keys], ([_cell(row[key], COLUMNS[key][1]) for key in keys]
+    return markdown_table([COLUMNS[key][0] for key in keys], ([_cell(row[key], COLUMNS[key][1]) for key in keys]
                                                         for row in rows))
 
 

@@ -1,0 +1,64 @@
+"""The conformance kit: what every model family must hold, for every registered method and attention mode.
+
+A family's tests derive a ``Test...`` class from :class:`FamilyConformance` and give it ``build`` (a tiny model of
+the family) and ``call`` (``call(model, t=t) -> output``: one denoiser call as the family's pipeline makes it).
+The kit runs every method in :data:`tokenmerge.methods.METHODS`, so a new method is checked on every family and a
+new family against every method without writing those tests again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import tokenmerge
+from tokenmerge.methods import METHODS
+
+from .helpers import (ATTENTION_IDS, ATTENTION_MODES, check_compiles_whole, check_merges_and_restores,
+                      check_ratio_zero_is_identical)
+
+METHOD_NAMES = list(METHODS)
+
+
+class FamilyConformance:
+    """Ratio 0 and ``remove()`` are bit-identical, every method merges, every attention mode runs (or the family
+    refuses it, naming why), and the patched model compiles whole (``fullgraph=True``) to the eager outputs."""
+
+    build: Callable[[], nn.Module]
+    call: Callable[..., torch.Tensor]
+    #: Whether the family takes size-aware keys and K/V-only merging (Zero123++'s reference attention does not).
+    takes_attention_modes = True
+    #: Timesteps of the calls a merged run makes (the pruning phase and the merging phase of ImportanceMerge).
+    timesteps = (950, 700, 400)
+
+    @pytest.fixture(scope="class")
+    def model(self) -> nn.Module:
+        return type(self).build()
+
+    @pytest.mark.parametrize("name", METHOD_NAMES)
+    def test_ratio_zero_is_bit_identical(self, model, name):
+        check_ratio_zero_is_identical(model, self.call, METHODS[name](ratio=0.0, seed=0))
+
+    @pytest.mark.parametrize("name", METHOD_NAMES)
+    def test_every_method_merges_and_remove_restores_bit_identical_outputs(self, model, name):
+        check_merges_and_restores(model, self.call, METHODS[name](ratio=0.5, seed=0), timesteps=self.timesteps)
+
+    @pytest.mark.parametrize("mode", ATTENTION_MODES, ids=ATTENTION_IDS)
+    def test_attention_modes(self, model, mode):
+        importance = METHODS["importance"]
+        if not self.takes_attention_modes:
+            with pytest.raises(ValueError, match="proportional_attention"):
+                tokenmerge.apply(model, importance(ratio=0.5, seed=0, **mode))
+            assert tokenmerge.current_config(model) is None
+            return
+        check_ratio_zero_is_identical(model, self.call, importance(ratio=0.0, **mode))
+        plain = check_merges_and_restores(model, self.call, importance(ratio=0.5, seed=0, proportional_attention=False))
+        merged = check_merges_and_restores(model, self.call, importance(ratio=0.5, seed=0, **mode))
+        assert not torch.allclose(merged[-1], plain[-1], atol=1e-6), "the mode must change what attention computes"
+
+    @pytest.mark.parametrize("name", ["tome", "importance"])
+    def test_compiles_whole(self, model, name):
+        check_compiles_whole(model, self.call, METHODS[name](ratio=0.5, seed=0), timesteps=self.timesteps)
