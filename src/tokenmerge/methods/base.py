@@ -182,6 +182,11 @@ class MethodConfig:
         return False
 
     @property
+    def always_prunes(self) -> bool:
+        """Whether every plan prunes (SiTo; ToFu pruning in every block): ``count_pruned=False`` then does nothing."""
+        return False
+
+    @property
     def uses_rng(self) -> bool:
         """Whether plans draw from the private generator (False: none is created)."""
         return True
@@ -325,6 +330,12 @@ class MethodConfig:
                 f"{type(self).__name__}.{field_name}={getattr(self, field_name)!r} shapes the size bias of "
                 "proportional_attention, which is off, so it would do nothing; set proportional_attention=True "
                 "or leave it at its default"
+            )
+        if self.proportional_attention and not self.count_pruned and self.always_prunes:
+            raise ValueError(
+                f"{type(self).__name__}: proportional_attention=True with count_pruned=False would do nothing: every "
+                "plan of this config prunes, so each kept key would count only itself (a bias of log 1 = 0). Leave "
+                "count_pruned=True (the default) to weigh the pruned tokens, or set proportional_attention=False"
             )
         if not self.merge_queries and not self.merge_attn:
             raise ValueError(

@@ -105,6 +105,10 @@ class ImportanceMerge(MethodConfig):
     def prunes_at(self, progress: float) -> bool:
         return progress < self.prune_steps
 
+    @property
+    def always_prunes(self) -> bool:
+        return self.prune_steps >= 1.0
+
     def max_ratio(self) -> float:
         # I = M - D must not be negative; the 2x2-cell phases keep N/4 destinations.
         return min(1.0 - self.dst, 0.75)

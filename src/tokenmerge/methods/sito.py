@@ -144,6 +144,10 @@ class SiTo(MethodConfig):
         return 1.0 - 1.0 / (self.patch * self.patch)
 
     @property
+    def always_prunes(self) -> bool:
+        return True
+
+    @property
     def uses_rng(self) -> bool:
         strategy = self.strategy
         return strategy.startswith("random") or (strategy == "noisy_simscore_patch" and self.sigma > 0)

@@ -136,6 +136,10 @@ class ToFu(CellMethod, MethodConfig):
             raise ValueError(f"ToFu.mlerp must be True or False, got {self.mlerp!r}")
         check_cells(self)
 
+    @property
+    def always_prunes(self) -> bool:
+        return self.prune_blocks == "all"
+
     def share_key(self, level: int, stage: str) -> tuple | None:
         # Blocks of one level that prune and blocks that merge cannot share a plan.
         key = super().share_key(level, stage)
