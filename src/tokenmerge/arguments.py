@@ -34,9 +34,6 @@ class Signature:
                    frozenset(p.name for p in parameters),
                    any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters))
 
-    def has(self, name: str) -> bool:
-        return name in self.names
-
     def read(self, args: tuple, kwargs: dict, name: str, default: object = None) -> object:
         """The argument ``name`` of a call (``default`` when it was not passed)."""
         index = self.positions.get(name)
@@ -52,10 +49,3 @@ class Signature:
         if not (name in self.names or self.takes_any):
             raise TypeError(f"{self.owner}.forward takes no argument {name!r}")
         return args, {**kwargs, name: value}
-
-    def without(self, args: tuple, kwargs: dict, name: str) -> tuple[tuple, dict]:
-        """``(args, kwargs)`` with the argument ``name`` passed as None (positional) or left out (keyword)."""
-        index = self.positions.get(name)
-        if index is not None and index < len(args):
-            return (*args[:index], None, *args[index + 1:]), kwargs
-        return args, {key: value for key, value in kwargs.items() if key != name}
