@@ -18,8 +18,8 @@ import math
 import sys
 from pathlib import Path
 
-from tokenmerge.tools.cli import ATTENTION_MODES
 from tokenmerge.tools.evaluate import parse_methods
+from tokenmerge.tools.options import ATTENTION_MODES
 
 
 def attention_mode(method: str, ratio: float) -> tuple[str, str] | None:

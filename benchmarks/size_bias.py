@@ -18,11 +18,11 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from tokenmerge import ToMe
-from tokenmerge.tools.cli import ATTENTION_MODES
 from tokenmerge.hooks import BlockPatch
 from tokenmerge.methods.base import PlanContext
 from tokenmerge.models.base import PatchTarget
 from tokenmerge.state import PatchState
+from tokenmerge.tools.options import ATTENTION_MODES
 
 
 def timed(fn, repeats: int) -> float:

@@ -89,7 +89,7 @@ class BlockPatch:
         self.plan: MergePlan | None = None
         self.channel_bias: attention.ChannelBias | None = None  # bias_via="channel", during a merged attention call
         self.queries_kept = False  # merge_queries=False, during a merged attention call
-        self.signature = Signature.of(target.block)  # where the block's call puts hidden_states
+        self.signature = Signature.of(target.block)  # where the block's call puts its tokens (target.kind.tokens)
 
     def install(self, submodules: list[torch.nn.Module]) -> None:
         block = self.target.block
@@ -136,7 +136,7 @@ class BlockPatch:
     def _make_plan(self, module, args, kwargs):
         state = self.state
         config = state.config
-        x = self.signature.read(args, kwargs, "hidden_states")
+        x = self.signature.read(args, kwargs, self.target.kind.tokens)
         batch, tokens, channels = x.shape
         if not config.merges(batch, tokens, channels, x.device.type):  # too small to pay: as is, and reported
             self.plan = None

@@ -64,7 +64,7 @@ def crossattn_map(attn, hidden_states: torch.Tensor, context: torch.Tensor,
 def install_crossattn_importance(state, adapter) -> None:
     """Hook the final cross-attention block so that each call leaves its map in ``state.importance``."""
     target = adapter.importance_target()
-    attn = target.block.attn2
+    attn = target.part(target.kind.cross_attention)
     signature = Signature.of(attn)
 
     def before_attn2(module, args, kwargs):

@@ -16,9 +16,15 @@ from torch import nn
 
 import tokenmerge
 from tokenmerge.methods import METHODS
+from tokenmerge.models import adapter_for, example_inputs
 
-from .helpers import (ATTENTION_IDS, ATTENTION_MODES, check_compiles_whole, check_merges_and_restores,
-                      check_ratio_zero_is_identical)
+from .helpers import (
+    ATTENTION_IDS,
+    ATTENTION_MODES,
+    check_compiles_whole,
+    check_merges_and_restores,
+    check_ratio_zero_is_identical,
+)
 
 METHOD_NAMES = list(METHODS)
 
@@ -33,6 +39,8 @@ class FamilyConformance:
     takes_attention_modes = True
     #: Timesteps of the calls a merged run makes (the pruning phase and the merging phase of ImportanceMerge).
     timesteps = (950, 700, 400)
+    #: Image size (pixels) of the example-input check: one side, or ``(height, width)``.
+    example_size: int | tuple[int, int] = 64
 
     @pytest.fixture(scope="class")
     def model(self) -> nn.Module:
@@ -62,3 +70,24 @@ class FamilyConformance:
     @pytest.mark.parametrize("name", ["tome", "importance"])
     def test_compiles_whole(self, model, name):
         check_compiles_whole(model, self.call, METHODS[name](ratio=0.5, seed=0), timesteps=self.timesteps)
+
+    def test_example_inputs_run_the_denoiser_and_merging_shortens_its_blocks(self, model):
+        """The family's example inputs (``bench``, ``auto_ratio``, FLOP counts) are a call its denoiser takes: a
+        CFG batch of two images where the family guides, and a prediction of the latent's shape; merged, every
+        patched block sees fewer tokens than it would unmerged."""
+        adapter = adapter_for(model)
+        args, kwargs = example_inputs(model, self.example_size, images=2, seed=3)
+        latent = args[0]
+        assert latent.shape[0] == (4 if adapter.guided else 2)
+        again, _ = example_inputs(model, self.example_size, images=2, seed=3)
+        assert torch.equal(again[0], latent), "example inputs are a function of the seed"
+        with torch.no_grad():
+            prediction = adapter.prediction(model(*args, **kwargs))
+            assert prediction.shape[0] * prediction.shape[-2] * prediction.shape[-1] == (
+                latent.numel() // latent.shape[1])
+            plans = []
+            config = METHODS["tome"](ratio=0.5, min_tokens=0, seed=0)
+            with tokenmerge.patched(model, config, on_plan=plans.append):
+                merged = adapter.prediction(model(*args, **kwargs))
+        assert merged.shape == prediction.shape and torch.isfinite(merged).all()
+        assert plans and all(p.plan is not None and p.plan.kept.shape[1] < p.plan.assign.shape[1] for p in plans)

@@ -9,12 +9,19 @@ import torch
 
 import tokenmerge
 from tokenmerge import ImportanceMerge, ToMe
+from tokenmerge.methods import METHODS
+from tokenmerge.models import example_inputs
+from tokenmerge.models.animatediff import VIDEO_FRAMES
 from tokenmerge.tools.tiny import tiny_motion_unet
 
-from tokenmerge.methods import METHODS
-
-from .helpers import (ATTENTION_IDS, ATTENTION_MODES, CountingProcessor, check_compiles_whole,
-                      check_merges_and_restores, check_ratio_zero_is_identical)
+from .helpers import (
+    ATTENTION_IDS,
+    ATTENTION_MODES,
+    CountingProcessor,
+    check_compiles_whole,
+    check_merges_and_restores,
+    check_ratio_zero_is_identical,
+)
 from .kit import FamilyConformance
 
 FRAMES = 4
@@ -128,3 +135,9 @@ def test_frames_are_merged_independently_each_on_its_own_importance(motion_unet)
         for frame in range(FRAMES):  # pool = 0: exactly that frame's 64 important tokens are computed on
             expected = set(user[frame].reshape(-1).topk(64).indices.tolist())
             assert set(event.plan.kept[frame].tolist()) == expected
+
+
+def test_example_inputs_are_a_video_of_the_adapters_length_with_text_per_frame(motion_unet):
+    args, kwargs = example_inputs(motion_unet, 128, images=1)
+    assert args[0].shape == (2, 4, VIDEO_FRAMES, 16, 16) and kwargs == {}  # CFG batch of 2, 16 frames
+    assert args[2].shape == (2 * VIDEO_FRAMES, 77, 32)  # text per frame, as AnimateDiffPipeline passes it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tokenmerge.models import example_inputs
 from tokenmerge.tools.tiny import tiny_lcm_unet, tiny_unet
 
 from ..conftest import run, unet_inputs
@@ -40,3 +41,19 @@ class TestSDXL(FamilyConformance):
 class TestLCM(FamilyConformance):
     build = staticmethod(tiny_lcm_unet)
     call = staticmethod(lcm_call)
+
+
+def test_lcm_example_inputs_have_no_cfg_batch_and_a_guidance_embedding():
+    lcm = tiny_lcm_unet()
+    args, kwargs = example_inputs(lcm, 128, images=2)
+    assert args[0].shape == (2, 4, 16, 16) and args[2].shape == (2, 77, 32)  # no CFG: batch = images
+    assert kwargs["timestep_cond"].shape == (2, lcm.config.time_cond_proj_dim)
+
+
+def test_sdxl_example_inputs_carry_its_pooled_text_and_size_ids():
+    sdxl = tiny_unet("sdxl")
+    args, kwargs = example_inputs(sdxl, (128, 96), images=1)
+    assert args[0].shape == (2, 4, 16, 12)
+    added = kwargs["added_cond_kwargs"]
+    assert added["time_ids"].tolist() == [[128, 96, 0, 0, 128, 96]] * 2  # original size, crop, target size
+    assert added["text_embeds"].shape == (2, 32)

@@ -7,6 +7,7 @@ import torch
 
 import tokenmerge
 from tokenmerge import ImportanceMerge
+from tokenmerge.models import example_inputs
 from tokenmerge.tools.tiny import ReferenceAttnProcessor, tiny_zero123pp
 
 from .kit import FamilyConformance
@@ -33,6 +34,7 @@ class TestZero123Plus(FamilyConformance):
     build = staticmethod(tiny_zero123pp)
     call = staticmethod(call)
     takes_attention_modes = False  # its reference attention extends the keys inside its own processor
+    example_size = (192, 128)  # six views tiled 3 x 2
 
 
 class Recording(ReferenceAttnProcessor):
@@ -80,3 +82,9 @@ def test_preset_merges_the_first_two_and_last_two_blocks_on_the_tiled_grid(model
 def test_size_aware_keys_and_kv_only_raise_naming_the_reference_attention(model, fields):
     with pytest.raises(ValueError, match="reference attention appends the reference image's tokens"):
         tokenmerge.apply(model, ImportanceMerge(**fields))
+
+
+def test_example_inputs_tile_the_views_and_carry_the_reference_latent(model):
+    args, kwargs = example_inputs(model, (192, 128), images=1)
+    assert args[0].shape == (2, 4, 24, 16)  # 3 x 2 views of 64 px
+    assert kwargs["cross_attention_kwargs"]["cond_lat"].shape == (2, 4, 40, 40)  # the 320 px condition image

@@ -58,7 +58,7 @@ class AnimateDiffAdapter(UNetAdapter):
         return isinstance(denoiser, UNetMotionModel)
 
     def all_targets(self) -> list[PatchTarget]:
-        """The spatial ``BasicTransformerBlock``s (motion modules excluded)."""
+        """The spatial transformer blocks (motion modules excluded)."""
         return unet_targets(self.unet, keep=lambda name: not _is_motion(name))
 
     def temporal_targets(self, config) -> list[PatchTarget]:
@@ -74,7 +74,8 @@ class AnimateDiffAdapter(UNetAdapter):
 
     def submodules(self, config, target: PatchTarget) -> list[nn.Module]:
         if target.temporal:  # both attentions of a motion module are self-attention over the frames
-            return [m for m in (target.block.attn1, getattr(target.block, "attn2", None)) if m is not None]
+            names = (target.kind.self_attention, target.kind.cross_attention)
+            return [part for part in map(target.part, names) if part is not None]
         return super().submodules(config, target)
 
     def make_patch(self, state, target: PatchTarget):
@@ -106,7 +107,7 @@ class TemporalPatch(BlockPatch):
 
     def _make_plan(self, module, args, kwargs):
         state = self.state
-        x = self.signature.read(args, kwargs, "hidden_states")
+        x = self.signature.read(args, kwargs, self.target.kind.tokens)
         ctx = PlanContext(grid=(x.shape[1], 1), generator=DEVICE_RNG, block=self.target.name,
                           level=self.target.level, stage=self.target.stage)
         with torch.no_grad():

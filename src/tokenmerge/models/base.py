@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .blocks import BlockKind
+
 
 @dataclass(frozen=True)
 class PatchTarget:
@@ -25,6 +27,7 @@ class PatchTarget:
         stage: ``"down"``, ``"mid"`` or ``"up"`` in a U-Net, ``"blocks"`` in a transformer (``PlanContext.stage``).
         bottleneck: True at a U-Net's lowest resolution (``PlanContext.bottleneck``).
         temporal: a motion-module block of a video U-Net, whose tokens are the frames of one latent pixel.
+        kind: what the block is (:mod:`.blocks`): its token argument and the names of its attentions and MLP.
     """
 
     name: str
@@ -33,6 +36,11 @@ class PatchTarget:
     stage: str = "blocks"
     bottleneck: bool = False
     temporal: bool = False
+    kind: BlockKind = BlockKind()
+
+    def part(self, name: str | None) -> nn.Module | None:
+        """The block's submodule ``name`` (a :class:`BlockKind` attribute name), or None."""
+        return None if name is None else getattr(self.block, name, None)
 
 
 @dataclass(frozen=True)
@@ -106,9 +114,9 @@ class Adapter:
         """Hooks of the family's own, beyond the blocks' (their handles go to ``state.handles``)."""
 
     def submodules(self, config, target: PatchTarget) -> list[nn.Module]:
-        """The submodules of ``target`` that ``config`` merges around (``attn1``, ``attn2``, ``ff``)."""
-        wanted = (("attn1", config.merge_attn), ("attn2", config.merge_crossattn), ("ff", config.merge_mlp))
-        return [getattr(target.block, name) for name, on in wanted if on and getattr(target.block, name, None) is not None]
+        """The parts of ``target`` that ``config`` merges around (``attn1``, ``attn2``, ``ff`` of a diffusers block)."""
+        names = target.kind.parts(config.merge_attn, config.merge_crossattn, config.merge_mlp)
+        return [part for part in map(target.part, names) if part is not None]
 
     def make_patch(self, state, target: PatchTarget):
         """The hook set of one target (a family may skip calls, e.g. Zero123++'s reference pass)."""
@@ -123,8 +131,8 @@ class Adapter:
     def importance_target(self) -> PatchTarget:
         """The final transformer block with cross-attention, whose map is ``importance="crossattn"``."""
         for target in reversed(self.all_targets()):
-            attn2 = getattr(target.block, "attn2", None)
-            if attn2 is not None and getattr(attn2, "is_cross_attention", False):
+            cross = target.part(target.kind.cross_attention)
+            if cross is not None and getattr(cross, "is_cross_attention", False):
                 return target
         raise ValueError(
             f"tokenmerge: importance='crossattn' reads the cross-attention map of the final transformer block, but "

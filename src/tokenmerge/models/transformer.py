@@ -21,6 +21,7 @@ from torch import nn
 
 from ..methods.base import default_of
 from .base import Adapter, ExampleShape, PatchTarget
+from .blocks import find_blocks
 
 
 class TransformerAdapter(Adapter):
@@ -42,8 +43,8 @@ class TransformerAdapter(Adapter):
         return isinstance(denoiser, getattr(diffusers, cls.class_name))
 
     def all_targets(self) -> list[PatchTarget]:
-        return [PatchTarget(f"transformer_blocks.{i}", block, 0)
-                for i, block in enumerate(self.denoiser.transformer_blocks)]
+        return [PatchTarget(name, block, 0, kind=kind)
+                for name, block, kind in find_blocks(self.denoiser.transformer_blocks, prefix="transformer_blocks")]
 
     def targets(self, config) -> list[PatchTarget]:
         found = self.all_targets()

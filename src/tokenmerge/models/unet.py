@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .base import Adapter, ExampleShape, PatchTarget
+from .blocks import find_blocks
 
 __all__ = ["PatchTarget", "TINY_CONFIGS", "UNetAdapter", "unet_targets"]
 
@@ -40,19 +41,14 @@ TINY_CONFIGS = {
 
 
 def unet_targets(unet: nn.Module, keep=lambda name: True) -> list[PatchTarget]:
-    """Every ``BasicTransformerBlock`` of a U-Net whose name passes ``keep``, with its level and stage."""
+    """Every transformer block (:mod:`.blocks`) of a U-Net whose name passes ``keep``, with its level and stage."""
     depth = len(unet.down_blocks)
-    stages = [(block, i, "down") for i, block in enumerate(unet.down_blocks)]
+    stages = [(f"down_blocks.{i}", block, i, "down") for i, block in enumerate(unet.down_blocks)]
     if unet.mid_block is not None:
-        stages.append((unet.mid_block, depth - 1, "mid"))
-    stages += [(block, depth - 1 - i, "up") for i, block in enumerate(unet.up_blocks)]
-    names = {id(module): name for name, module in unet.named_modules()}
-    targets = []
-    for stage, level, stage_name in stages:
-        for module in stage.modules():
-            if type(module).__name__ == "BasicTransformerBlock" and keep(names[id(module)]):
-                targets.append(PatchTarget(names[id(module)], module, level, stage_name, level == depth - 1))
-    return targets
+        stages.append(("mid_block", unet.mid_block, depth - 1, "mid"))
+    stages += [(f"up_blocks.{i}", block, depth - 1 - i, "up") for i, block in enumerate(unet.up_blocks)]
+    return [PatchTarget(name, block, level, stage, level == depth - 1, kind=kind)
+            for path, module, level, stage in stages for name, block, kind in find_blocks(module, keep, path)]
 
 
 class UNetAdapter(Adapter):
@@ -73,7 +69,7 @@ class UNetAdapter(Adapter):
         return isinstance(denoiser, UNet2DConditionModel)
 
     def all_targets(self) -> list[PatchTarget]:
-        """Every ``BasicTransformerBlock`` with the level it runs at."""
+        """Every transformer block with the level it runs at."""
         return unet_targets(self.unet)
 
     def targets(self, config) -> list[PatchTarget]:

@@ -1,0 +1,89 @@
+"""The block registry: which transformer block classes tokenmerge patches, and what it needs to know of each.
+
+Adapters find blocks by what they are (``isinstance`` of a registered class, so subclasses count), never by a
+class-name string, and the hooks read a block's parts and arguments by the names its :class:`BlockKind` gives,
+as diffusers' own block metadata (``diffusers.hooks._helpers.TransformerBlockRegistry``) does for its caches.
+A new block class (a new family's, or a user's own block) is one :func:`register_block` call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class BlockKind:
+    """What the hooks need of one transformer block class.
+
+    Attributes:
+        tokens: the ``forward`` argument that carries the block's image tokens ``(B, N, C)``, which the plan is
+            built from.
+        self_attention: the attribute of the attention over the block's own tokens (merged around, with the size
+            bias and K/V-only merging).
+        cross_attention: the attribute of the attention from the tokens to the text (queries merged;
+            ``importance="crossattn"`` reads its map), or None.
+        mlp: the attribute of the feed-forward (merged with ``merge_mlp``), or None.
+    """
+
+    tokens: str = "hidden_states"
+    self_attention: str = "attn1"
+    cross_attention: str | None = "attn2"
+    mlp: str | None = "ff"
+
+    def parts(self, merge_attn: bool, merge_crossattn: bool, merge_mlp: bool) -> tuple[str, ...]:
+        """The attribute names of the parts to merge around, in call order."""
+        wanted = ((self.self_attention, merge_attn), (self.cross_attention, merge_crossattn), (self.mlp, merge_mlp))
+        return tuple(name for name, on in wanted if on and name is not None)
+
+
+_REGISTRY: dict[type, BlockKind] = {}
+_BUILTINS_LOADED = False
+
+
+def register_block(cls: type[nn.Module], kind: BlockKind | None = None) -> None:
+    """Make ``cls`` (and its subclasses) a block the adapters patch, described by ``kind``."""
+    _REGISTRY[cls] = kind or BlockKind()
+
+
+def _load_builtins() -> None:
+    """diffusers' blocks, registered on first use (importing them at module import would slow ``import tokenmerge``)."""
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    _BUILTINS_LOADED = True
+    from diffusers.models.attention import BasicTransformerBlock
+
+    # SD / SDXL / LCM / Zero123++ U-Nets, PixArt, DiT, and AnimateDiff's spatial blocks and motion modules.
+    _REGISTRY.setdefault(BasicTransformerBlock, BlockKind())
+
+
+def kind_of(module: nn.Module) -> BlockKind | None:
+    """The registered kind of ``module``'s class or nearest registered base class; None if it is not a block."""
+    _load_builtins()
+    for cls in type(module).__mro__:
+        kind = _REGISTRY.get(cls)
+        if kind is not None:
+            return kind
+    return None
+
+
+def find_blocks(root: nn.Module, keep: Callable[[str], bool] = lambda name: True,
+                prefix: str = "") -> Iterator[tuple[str, nn.Module, BlockKind]]:
+    """``(name, block, kind)`` of every registered block under ``root`` whose module path passes ``keep``.
+
+    ``prefix`` is ``root``'s own path in the model, so names are the model's (``down_blocks.0...``). A block
+    inside a block (none of diffusers' do this) is found once, as the outer one.
+    """
+    def walk(module: nn.Module, path: str) -> Iterator[tuple[str, nn.Module, BlockKind]]:
+        for child_name, child in module.named_children():
+            name = f"{path}.{child_name}" if path else child_name
+            kind = kind_of(child)
+            if kind is None:
+                yield from walk(child, name)
+            elif keep(name):
+                yield name, child, kind
+
+    yield from walk(root, prefix)
