@@ -69,8 +69,27 @@ def test_model_without_patchable_blocks_raises():
         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
         mid_block_type=None,
     )
-    with pytest.raises(ValueError, match="would patch nothing"):
+    with pytest.raises(ValueError, match="would patch nothing.*no transformer block.*no attention layers.*not supported"):
         tokenmerge.apply(unet, ToMe())
+
+
+def test_a_unet_whose_attention_is_not_in_transformer_blocks_is_called_unsupported_not_too_narrow():
+    """Kandinsky 2.2's U-Net (built as diffusers' fast tests build it) keeps its attention in SimpleCrossAttn blocks:
+    widening the placement cannot help, and the error says so instead of suggesting it."""
+    kandinsky = UNet2DConditionModel(
+        in_channels=4, out_channels=8, addition_embed_type="image", block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", encoder_hid_dim=32, encoder_hid_dim_type="image_proj",
+        cross_attention_dim=100, attention_head_dim=4, resnet_time_scale_shift="scale_shift", class_embed_type=None,
+    )
+    for config in (ToMe(), ToMe(max_downsample=8), ImportanceMerge(max_downsample=8, merge_mlp=True)):
+        with pytest.raises(ValueError) as raised:
+            tokenmerge.apply(kandinsky, config)
+        message = str(raised.value)
+        assert "SimpleCrossAttnDownBlock2D" in message and "UNetMidBlock2DSimpleCrossAttn" in message
+        assert "not supported" in message and "Widen" not in message and "max_downsample" not in message
+        assert tokenmerge.current_config(kandinsky) is None
 
 
 def test_unsupported_models_and_configs_raise(sd1_unet):

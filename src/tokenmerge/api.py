@@ -33,6 +33,50 @@ def find_denoiser(model: object) -> tuple[nn.Module, object | None]:
     )
 
 
+def nothing_to_patch(config: MethodConfig, adapter) -> str:
+    """Why ``config`` finds nothing to patch in the adapter's denoiser, and what would help (if anything does)."""
+    name, model = type(config).__name__, type(adapter.denoiser).__name__
+    found = adapter.all_targets()
+    if not found:
+        owners = attention_owners(adapter.denoiser)
+        where = f"its attention is in {', '.join(owners)}" if owners else "it has no attention layers"
+        return (
+            f"tokenmerge: {name} would patch nothing in {model}: it has no transformer block tokenmerge can patch "
+            f"({where}; tokenmerge merges around the parts of a registered block, diffusers' BasicTransformerBlock), "
+            "so no placement or ratio can help: this model is not supported"
+        )
+    placed = adapter.targets(config)
+    if not placed:
+        return (
+            f"tokenmerge: {name} would patch nothing in {model}: layers={config.layers} selects none of its "
+            f"{len(found)} blocks (block i of L is patched when start * L <= i < end * L); widen layers, e.g. "
+            "layers=(0.25, 0.75)"
+        )
+    fields = {"merge_attn": "self_attention", "merge_crossattn": "cross_attention", "merge_mlp": "mlp"}
+    present = [field for field, part in fields.items()
+               if any(target.part(getattr(target.kind, part)) is not None for target in placed)]
+    on = ", ".join(f"{field}={getattr(config, field)}" for field in fields)
+    return (
+        f"tokenmerge: {name} would patch nothing in {model}: its blocks in the placement have none of the parts "
+        f"{on} asks for; set {' or '.join(f'{field}=True' for field in present)}"
+    )
+
+
+def attention_owners(denoiser: nn.Module) -> list[str]:
+    """The classes of the modules that hold the denoiser's attention layers (for the unsupported-model message)."""
+    from diffusers.models.attention_processor import Attention
+
+    modules = dict(denoiser.named_modules())
+    owners = set()
+    for path, module in modules.items():
+        if isinstance(module, Attention):
+            parent = path.rpartition(".")[0]
+            while parent and isinstance(modules[parent], (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
+                parent = parent.rpartition(".")[0]
+            owners.add(type(modules[parent]).__name__)
+    return sorted(owners)
+
+
 def apply(model: Model, config: MethodConfig, *, on_plan: Callable[[PlanEvent], None] | None = None) -> Model:
     """Patch ``model`` (a pipeline or its denoiser) with a token-merging method; returns ``model``.
 
@@ -53,14 +97,7 @@ def apply(model: Model, config: MethodConfig, *, on_plan: Callable[[PlanEvent], 
     patches = [(target, adapter.submodules(config, target)) for target in adapter.targets(config)]
     patches = [(target, submodules) for target, submodules in patches if submodules]
     if not patches:
-        where = (f"layers={config.layers}" if config.layers is not None
-                 else f"the first {config.max_downsample_levels()} attention level(s)")
-        raise ValueError(
-            f"tokenmerge: {type(config).__name__} would patch nothing in {type(denoiser).__name__}: no transformer "
-            f"block with the requested submodules (attn1={config.merge_attn}, attn2={config.merge_crossattn}, "
-            f"ff={config.merge_mlp}) in {where}. Widen the placement (max_downsample on a U-Net, layers on a "
-            "transformer) or enable another submodule."
-        )
+        raise ValueError(nothing_to_patch(config, adapter))
     temporal = [(target, adapter.submodules(config, target)) for target in adapter.temporal_targets(config)]
     if config.temporal_ratio > 0 and not temporal:
         raise ValueError(

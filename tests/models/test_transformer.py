@@ -139,5 +139,8 @@ def test_placement_fields_of_the_wrong_family_raise():
         tokenmerge.apply(tiny_dit(), ToMe(temporal_ratio=0.2))
     with pytest.raises(ValueError, match="no cross-attention.*importance='cfg'"):
         tokenmerge.apply(tiny_dit(), ImportanceMerge(importance="crossattn"))
-    with pytest.raises(ValueError, match="would patch nothing.*layers="):
+    with pytest.raises(ValueError, match=r"would patch nothing.*layers=\(0.8, 0.9\) selects none of its 4 blocks"):
         tokenmerge.apply(tiny_dit(), ToMe(layers=(0.8, 0.9)))  # between blocks 3.2 and 3.6 of 4: none
+    # DiT's blocks have no cross-attention: the advice names only the parts they have.
+    with pytest.raises(ValueError, match="none of the parts.*set merge_attn=True or merge_mlp=True$"):
+        tokenmerge.apply(tiny_dit(), ToMe(merge_attn=False, merge_crossattn=True))

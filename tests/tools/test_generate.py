@@ -88,6 +88,24 @@ def test_unreachable_hub_id_says_how_to_pass_a_local_folder(tmp_path, monkeypatc
     assert isinstance(message, str) and "nobody/not-a-model" in message and "local" in message
 
 
+@pytest.mark.parametrize("missing", ["/no/such/dir", "./no-such-dir", "models/sd/unet-missing", "~/no-such-dir",
+                                     "no-such-dir/"])
+def test_a_path_that_does_not_exist_is_called_a_missing_folder_not_a_hub_failure(tmp_path, missing):
+    with pytest.raises(SystemExit) as exit_info:
+        generate(missing, tmp_path, "--method", "tome")
+    message = exit_info.value.code
+    assert f"the pipeline folder {missing} does not exist" in message
+    assert "Hub" in message and "hf download" not in message  # no download advice for a local path
+
+
+def test_a_file_is_not_taken_for_a_pipeline_folder(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        generate(weights, tmp_path / "out", "--method", "tome")
+    assert "is a file" in exit_info.value.code and "model_index.json" in exit_info.value.code
+
+
 def test_folder_without_safetensors_weights_is_refused(tmp_path):
     folder = tmp_path / "pickled"
     (folder / "unet").mkdir(parents=True)

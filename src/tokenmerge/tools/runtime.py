@@ -33,7 +33,17 @@ def load_pipeline(model: str, dtype: torch.dtype):
     """Load a pipeline from safetensors weights only (never pickle), turning the usual failures into advice."""
     from diffusers import DiffusionPipeline  # here, not at the top: importing diffusers takes seconds (--help)
 
-    folder = Path(model)
+    folder = Path(model).expanduser()
+    if not folder.exists() and looks_like_path(model):
+        raise SystemExit(
+            f"tokenmerge: the pipeline folder {model} does not exist. Pass a folder saved with "
+            "pipe.save_pretrained(DIR), or a Hugging Face Hub id (owner/name) already in the local cache."
+        )
+    if folder.is_file():
+        raise SystemExit(
+            f"tokenmerge: {model} is a file; --model takes a pipeline folder (with model_index.json, saved with "
+            "pipe.save_pretrained(DIR)) or a Hugging Face Hub id (owner/name)"
+        )
     if folder.is_dir() and not any(folder.rglob("*.safetensors")):
         raise SystemExit(
             f"tokenmerge: the pipeline folder {model} has no .safetensors weights; tokenmerge never loads "
@@ -52,6 +62,13 @@ def load_pipeline(model: str, dtype: torch.dtype):
         if folder.is_dir():
             raise
         raise SystemExit(hub_failure_message(model, err)) from err
+
+
+def looks_like_path(model: str) -> bool:
+    """A local path rather than a Hub id (``owner/name``, or a bare ``name``): absolute, relative with ``.``, ``~``,
+    a trailing or Windows separator, or more than one ``/``."""
+    return (model.startswith(("/", "./", "../", "~", ".\\")) or model in (".", "..") or "\\" in model
+            or model.endswith("/") or model.count("/") > 1)
 
 
 def hub_failure_message(model: str, err: Exception) -> str:
