@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
 
 import tokenmerge
-from tokenmerge import ImportanceMerge, ToMe
+from tokenmerge import ImportanceMerge, ToMe, presets
 from tokenmerge.calibrate import choose_ratio
+from tokenmerge.models import adapter_for, tiny_configs
+from tokenmerge.tools.tiny import tiny_denoiser
 
 from .conftest import unet_inputs
 
@@ -108,3 +111,35 @@ def test_choose_ratio_rule():
     assert choose_ratio({0.3: 1.1, 0.5: 1.3, 0.7: 1.3}, 2.0) == (0.5, False)  # tie: the smaller ratio
     assert choose_ratio({0.3: 0.9, 0.5: 1.0}, 1.2) == (0.0, False)
     assert choose_ratio({}, 1.2) == (0.0, False)
+
+
+FAMILY_MODELS = sorted(tiny_configs())
+
+
+@pytest.mark.parametrize("name", FAMILY_MODELS)
+def test_every_family_keeps_its_preset_through_the_ratios_auto_ratio_tries(name):
+    """auto_ratio replaces the ratio of the caller's config; the fields the caller left out still take the
+    family's preset (PixArt's layers, LCM's cross-attention importance, AnimateDiff's pool, Zero123++'s placement)."""
+    model = tiny_denoiser(name)
+    family = adapter_for(model).family
+    config = ImportanceMerge(seed=0)
+    seen = []
+
+    def timer(call):
+        call()
+        current = tokenmerge.current_config(model)
+        seen.append(current)
+        return 1.0 if current is None else 1.0 - current.ratio  # faster with the ratio: 0.3 -> 1.43x
+
+    size = (192, 128) if family == "zero123pp" else 64
+    result = tokenmerge.auto_ratio(model, config, 1.4, size=size, ratios=(0.2, 0.3), repeats=1, warmup=0,
+                                   timer=timer)
+    patched = [c for c in seen if c is not None]
+    assert [c.ratio for c in patched] == [0.2, 0.3] and result.ratio == 0.3
+    for current in patched:
+        assert current == presets.resolve(dataclasses.replace(config, ratio=current.ratio), family)
+        for field, value in presets.preset(family, config).items():
+            assert getattr(current, field) == value, f"{family}: {field} lost its preset"
+    tokenmerge.apply(model, result.config)
+    assert tokenmerge.current_config(model) == patched[-1]
+    tokenmerge.remove(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -15,12 +16,15 @@ from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 
-from tokenmerge import ImportanceMerge
+import tokenmerge
+from tokenmerge import ImportanceMerge, presets
+from tokenmerge.models import adapter_for, tiny_configs
 from tokenmerge.tools import cli, evaluate
+from tokenmerge.tools.evaluate.run import _patched
 from tokenmerge.testbed.data import ATTRIBUTES, make_batch, sample_scenes
 from tokenmerge.testbed.judge import load_judge, to_tensor
 from tokenmerge.testbed import pipeline as testbed_pipeline
-from tokenmerge.tools.tiny import save_tiny_pipeline
+from tokenmerge.tools.tiny import save_tiny_pipeline, tiny_denoiser
 
 SMALL = ["--count", "4", "--seeds", "0", "--steps", "2", "--no-progress"]
 
@@ -375,3 +379,21 @@ def test_the_noise_floor_row_is_the_unpatched_model_from_other_noise(testbed_dir
     for row in result.rows:
         assert row["psnr_object"] is not None and row["psnr_background"] is not None
     assert result.row("unpatched")["psnr_object"] == math.inf
+
+
+@pytest.mark.parametrize("name", sorted(tiny_configs()))
+def test_eval_seeds_unseeded_variants_without_losing_the_family_preset(name):
+    """eval gives an unseeded config the call's noise seed (``dataclasses.replace``); the fields the user left out
+    must still take the family's preset (issue 16: PixArt merged every layer, LCM asked for CFG)."""
+    model = tiny_denoiser(name)
+    family = adapter_for(model).family
+    for variant in evaluate.parse_methods("tome,importance[dst_selection=topk]:0.5"):
+        with _patched(model, variant, noise_seed=7):
+            current = tokenmerge.current_config(model)
+        assert current.seed == 7
+        if isinstance(current, ImportanceMerge):
+            assert current.dst_selection == "topk"  # the variant's own field stays
+        assert current == presets.resolve(dataclasses.replace(variant.config, seed=7), family)
+        for field, value in presets.preset(family, variant.config).items():
+            assert getattr(current, field) == value, f"{family}: {field} lost its preset in eval"
+        assert tokenmerge.current_config(model) is None
