@@ -155,3 +155,32 @@ def test_other_architectures_end_to_end(kind):
     assert np.isfinite(merged).all() and not np.allclose(merged, unpatched, atol=1e-4)
     top = (8, 8) if kind != "sdxl" else (4, 4)  # SDXL has no attention at its top level
     assert {e.grid for e in events} == {top}
+
+
+@pytest.mark.parametrize("order", ["offload, then apply", "apply, then offload"])
+def test_model_cpu_offload_in_either_order_merges_as_without_it_and_remove_restores(saved_sd1, order):
+    """accelerate's offload hooks wrap each component's forward; tokenmerge's hooks and its reading of the
+    denoiser's arguments must work under them, whichever is installed first. (On this CPU-only machine the
+    execution device is the CPU: the hooks run, the moves are no-ops.) ``enable_sequential_cpu_offload`` cannot be
+    tested on a CPU: with the CPU as its execution device accelerate 1.15 itself fails after the first offloaded
+    Linear, with or without tokenmerge."""
+    config = ImportanceMerge(ratio=0.5, seed=0, min_tokens=0)
+    plain = DiffusionPipeline.from_pretrained(saved_sd1, use_safetensors=True)
+    plain.set_progress_bar_config(disable=True)
+    reference = generate(plain, steps=3)
+    with tokenmerge.patched(plain, config):
+        merged = generate(plain, steps=3)
+    assert not np.array_equal(merged, reference)
+
+    pipe = DiffusionPipeline.from_pretrained(saved_sd1, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    if order.startswith("offload"):
+        pipe.enable_model_cpu_offload(device="cpu")
+        tokenmerge.apply(pipe, config)
+    else:
+        tokenmerge.apply(pipe, config)
+        pipe.enable_model_cpu_offload(device="cpu")
+    assert hasattr(pipe.unet, "_hf_hook")  # accelerate's hook is in place
+    assert np.array_equal(generate(pipe, steps=3), merged)
+    tokenmerge.remove(pipe)
+    assert np.array_equal(generate(pipe, steps=3), reference)
