@@ -56,9 +56,12 @@ def configs(package) -> dict[str, object]:
 def plan_call(package, config, tokens: int, channels: int, device: torch.device):
     side = int(tokens**0.5)
     x = torch.randn(2, side * side, channels, generator=torch.Generator().manual_seed(0)).to(device)
-    ctx = package.methods.base.PlanContext(
+    base = package.methods.base
+    # A CFG pair: builds before the guidance layouts said it with a flag.
+    pair = {"guided": base.CFG} if hasattr(base, "CFG") else {"cfg_pairs": True}
+    ctx = base.PlanContext(
         grid=(side, side), generator=torch.Generator(device).manual_seed(0) if config.uses_rng else None,
-        cfg_pairs=True, importance=torch.rand(1, side * side, generator=torch.Generator().manual_seed(1)).to(device))
+        **pair, importance=torch.rand(1, side * side, generator=torch.Generator().manual_seed(1)).to(device))
     return lambda: config.make_plan(x, ctx)
 
 

@@ -55,7 +55,7 @@ def generate(pipe, **kwargs) -> torch.Tensor:
 def check_merges_and_restores(pipe, configs, **kwargs) -> dict[str, list]:
     """Each config changes the output and keeps it finite, without a host sync from tokenmerge (test_hooks.py)
     but the one documented read per generation where the pipeline does not say whether it guides (PixArt, DiT:
-    ``PatchState._is_cfg_batch``); remove() restores it bit for bit.
+    ``PatchState._guided_batch``); remove() restores it bit for bit.
 
     Returns the plan events of each config (by class name) and checks that ImportanceMerge's signal reached
     the blocks through the real pipeline: no map at the first step, a map at every later one.

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from tokenmerge import ImportanceMerge, ToMe
 from tokenmerge import plan as plan_module
-from tokenmerge.methods.base import PlanContext
+from tokenmerge.methods.base import CFG, PlanContext
 from tokenmerge.plan import (
     DESTINATION,
     INDEPENDENT,
@@ -260,7 +260,7 @@ def build(case, x=None):
     importance = importance_for(groups, n, seed) if case["with_importance"] else None
     if x is None:
         x = randn(b, n, c, seed=seed)
-    context = ctx(h, w, seed, cfg_pairs=case["cfg_pairs"], prune_phase=case["prune_phase"], importance=importance)
+    context = ctx(h, w, seed, guided=CFG if case["cfg_pairs"] else None, prune_phase=case["prune_phase"], importance=importance)
     return x, importance, case["config"].make_plan(x, context)
 
 
@@ -607,7 +607,7 @@ def sharing_plans(seed: int) -> list[MergePlan]:
     x = randn(2, 120, 8, seed=seed)
     plans = []
     for method in SHARING_METHODS:
-        ctx = PlanContext(grid=(10, 12), generator=torch.Generator().manual_seed(seed), cfg_pairs=True,
+        ctx = PlanContext(grid=(10, 12), generator=torch.Generator().manual_seed(seed), guided=CFG,
                           prune_phase=getattr(method, "prune_steps", 0.0) > 0, importance=randn(1, 120, seed=seed + 1))
         plan = method.make_plan(x, ctx)
         plan.unmerge(plan.merge(x))
@@ -721,7 +721,7 @@ def test_methods_plan_on_low_precision_inputs(dtype):
     importance = importance_for(1, 100, 0)
     for config, context in [
         (ToMe(ratio=0.5), ctx(10, 10, 0)),
-        (ImportanceMerge(ratio=0.6), ctx(10, 10, 0, cfg_pairs=True, importance=importance)),
+        (ImportanceMerge(ratio=0.6), ctx(10, 10, 0, guided=CFG, importance=importance)),
     ]:
         plan = config.make_plan(x, context)
         merged = plan.merge(x)

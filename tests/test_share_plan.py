@@ -7,7 +7,7 @@ import torch
 
 import tokenmerge
 from tokenmerge import ImportanceMerge, ReToM, SiTo, ToFu, ToMe
-from tokenmerge.methods.base import PlanContext
+from tokenmerge.methods.base import CFG, PlanContext
 
 from .conftest import run, unet_inputs
 
@@ -47,7 +47,7 @@ def test_level_plan_is_the_first_blocks_plan_reused_by_the_level(sd1_unet, confi
         first_name, first_plan, first_x = at_level[0]
         assert first_name.startswith("down_blocks")
         assert all(plan is first_plan for _, plan, _ in at_level), "one plan object per level"
-        ctx = PlanContext(grid=grid, generator=generator, cfg_pairs=True, level=level,
+        ctx = PlanContext(grid=grid, generator=generator, guided=CFG, level=level,
                           bottleneck=level == len(sd1_unet.down_blocks) - 1,
                           importance=None if not isinstance(config, ImportanceMerge) else
                           torch.nn.functional.adaptive_avg_pool2d(config.importance[None, None], grid).reshape(1, -1))

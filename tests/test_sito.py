@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import tokenmerge
 from tokenmerge.methods import sito as sito_module
-from tokenmerge.methods.base import PlanContext
+from tokenmerge.methods.base import CFG, PlanContext
 from tokenmerge.methods.sito import BASE_STRATEGIES, SiTo, patch_argmax, sim_score
 from tokenmerge.plan import cell_destinations
 from tokenmerge.tools.tiny import tiny_unet
@@ -116,7 +116,7 @@ def test_counts_base_and_pruned_tokens_follow_the_paper(ratio, height, width):
 def test_plans_are_per_batch_element():
     a, b = tokens(1, 12, 10, seed=1), tokens(1, 12, 10, seed=2)
     config = SiTo(ratio=0.5, base="V")
-    both = config.make_plan(torch.cat([a, b]), context(12, 10, cfg_pairs=True))
+    both = config.make_plan(torch.cat([a, b]), context(12, 10, guided=CFG))
     alone = [config.make_plan(t, context(12, 10)) for t in (a, b)]
     for i in range(2):
         assert torch.equal(both.kept[i], alone[i].kept[0])

@@ -167,18 +167,18 @@ class BlockPatch:
             self._report(ctx)
             return
         grid = state.adapter.grid(state.latent_hw, self.target, tokens)
-        groups = batch // 2 if state.cfg_pairs else batch
+        guided = state.guided
+        groups = batch // guided.parts if guided is not None else batch
         ctx = PlanContext(
             grid=grid,
             generator=DEVICE_RNG if config.uses_rng else None,
-            cfg_pairs=state.cfg_pairs,
+            guided=guided,
             prune_phase=state.prune_phase,
             importance=state.importance_on_grid(grid, groups) if state.uses_importance else None,
             block=self.target.name,
             level=self.target.level,
             stage=self.target.stage,
             bottleneck=self.target.bottleneck,
-            cond_first=state.adapter.cond_first,
         )
         with torch.no_grad():
             self.plan = config.make_plan(x.detach(), ctx)

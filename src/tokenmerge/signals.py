@@ -77,9 +77,8 @@ def install_crossattn_importance(state, adapter) -> None:
         grid = adapter.grid(state.latent_hw, target, hidden.shape[1])
         with torch.no_grad():
             scores = crossattn_map(module, hidden, context, signature.read(args, kwargs, "attention_mask"))
-        if state.cfg_pairs:
-            half = scores.shape[0] // 2
-            scores = scores[:half] if adapter.cond_first else scores[half:]
+        if state.guided is not None:
+            scores = state.guided.part(scores, state.guided.cond)
         state.importance = scores.view(-1, *grid)
 
     # Prepended: it sees attn2's input before a merge hook on the same module shortens it.

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .methods.base import MethodConfig, PlanContext
+from .methods.base import CFG, CFG_COND_FIRST, INSTRUCT_PIX2PIX, PAG, PAG_CFG, GuidedBatch, MethodConfig, PlanContext
 from .plan import MergePlan
 
 
@@ -144,7 +144,8 @@ class PatchState:
         self.on_plan = on_plan
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.latent_hw: tuple[int, int] | None = None
-        self.cfg_pairs = False
+        self.guided: GuidedBatch | None = None  # this call's guidance layout (None: every row its own image)
+        self.expected_layout: GuidedBatch | None = None  # the layout the pipeline says it runs, for the error
         self.prune_phase = False
         self.importance: torch.Tensor | None = None  # (groups, H, W), from the previous step
         self.uses_importance = config.signal is not None  # the plans read state.importance
@@ -175,20 +176,14 @@ class PatchState:
             self.plan_ages[key] += 1
         self.fresh_plans = frozenset(key for key, age in self.plan_ages.items() if age < self.config.hold_steps)
         self.latent_hw = tuple(sample.shape[-2:])
-        self.cfg_pairs = self._is_cfg_batch(sample, new_run)
+        self.guided = self._guided_batch(sample, new_run)
         self.prune_phase = self.config.prunes_at(self.clock.progress)
         self._pooled.clear()
         self.shared_plans.clear()
         self.skipped.clear()
         signal = self.config.signal
-        if self.cfg_importance and not self.cfg_pairs:
-            raise ValueError(
-                "tokenmerge: ImportanceMerge(importance='cfg') needs classifier-free guidance (a batch "
-                f"[uncond; cond]), but this call has batch size {sample.shape[0]} without it (guidance off, or a "
-                "guidance-distilled model such as LCM). Use ImportanceMerge(importance='crossattn') for the "
-                "cross-attention map of the final block, run with guidance_scale > 1, or give the importance "
-                "yourself: ImportanceMerge(importance=<map tensor or callable>)."
-            )
+        if self.cfg_importance and (self.guided is None or self.guided.uncond is None):
+            raise ValueError(self._no_cfg_message(sample.shape[0]))
         if isinstance(signal, torch.Tensor) or callable(signal):
             given = signal(self.clock.step) if callable(signal) else signal
             self.importance = given.to(sample.device, torch.float32).reshape(-1, *given.shape[-2:])
@@ -201,8 +196,8 @@ class PatchState:
             return
         with torch.no_grad():
             eps = self.adapter.prediction(output)[:, self.adapter.importance_channels]
-            half = eps.shape[0] // 2
-            self.importance = (eps[half:] - eps[:half]).abs().float().mean(dim=1)
+            guided = self.guided
+            self.importance = (guided.part(eps, guided.cond) - guided.part(eps, guided.uncond)).abs().float().mean(dim=1)
 
     # -- called by the block hooks ---------------------------------------------------------------
     def held_plan(self, key: object, tokens: tuple[int, int]) -> tuple | None:
@@ -233,30 +228,74 @@ class PatchState:
             self._pooled[grid] = imp
         return self._pooled[grid]
 
-    def _is_cfg_batch(self, sample: torch.Tensor, new_run: bool) -> bool:
-        """Whether the batch is a CFG pair of halves.
+    def _guided_batch(self, sample: torch.Tensor, new_run: bool) -> GuidedBatch | None:
+        """The call's guidance layout, or None when every row of the batch is an image of its own.
 
-        The pipeline's ``do_classifier_free_guidance`` says it when it has one (SD, SDXL, AnimateDiff, LCM).
-        PixArt's and DiT's pipelines keep the switch in a local variable but feed CFG the latent twice
-        (``[latents] * 2``): there the halves are compared once per run (one device-to-host read per
-        generation, none per step). A bare denoiser has no pipeline to ask: an even batch is taken for a pair.
+        Read from the pipeline where it says it: PAG's ``do_perturbed_attention_guidance`` (``[uncond; cond;
+        perturbed]``, or ``[cond; perturbed]`` without CFG), InstructPix2Pix by its class (three parts),
+        ``do_classifier_free_guidance`` (SD, SDXL, AnimateDiff, LCM). PixArt's and DiT's pipelines keep the CFG
+        switch in a local variable but feed CFG the latent twice (``[latents] * 2``): there the halves are compared
+        once per run (one device-to-host read per generation, none per step). A bare denoiser has no pipeline to ask:
+        an even batch is taken for a CFG pair. A batch that is not a whole number of the layout's parts (a call the
+        pipeline's loop did not make) is planned row by row, and importance from CFG then raises, naming the layout.
         """
         batch = sample.shape[0]
-        if batch % 2:
-            return False
+        cfg = CFG_COND_FIRST if self.adapter.cond_first else CFG
         pipe = self.pipeline() if self.pipeline is not None else None
-        try:
-            flag = getattr(pipe, "do_classifier_free_guidance", None)
-        except AttributeError:  # property read before the pipeline call set its guidance scale
-            flag = None
-        if flag is not None:
-            return bool(flag)
-        if pipe is None:
-            return True
-        if new_run or self._run_is_cfg is None:
-            half = batch // 2
-            self._run_is_cfg = torch.equal(sample[:half], sample[half:])
-        return self._run_is_cfg
+        cfg_flag, pag_flag = pipeline_flag(pipe, "do_classifier_free_guidance"), pipeline_flag(
+            pipe, "do_perturbed_attention_guidance")
+        if pag_flag:
+            layout = PAG_CFG if cfg_flag else PAG
+        elif cfg_flag and is_instruct_pix2pix(pipe):
+            layout = INSTRUCT_PIX2PIX
+        elif cfg_flag is not None:
+            layout = cfg if cfg_flag else None
+        elif pipe is None or batch % 2:
+            layout = cfg if batch % 2 == 0 else None
+        else:
+            if new_run or self._run_is_cfg is None:
+                half = batch // 2
+                self._run_is_cfg = torch.equal(sample[:half], sample[half:])
+            layout = cfg if self._run_is_cfg else None
+        self.expected_layout = layout
+        return layout if layout is not None and batch % layout.parts == 0 else None
+
+    def _no_cfg_message(self, batch: int) -> str:
+        fix = ("Use ImportanceMerge(importance='crossattn') for the cross-attention map of the final block, or give "
+               "the importance yourself: ImportanceMerge(importance=<map tensor or callable>).")
+        expected = self.expected_layout
+        if expected is not None and expected.uncond is None:
+            return (f"tokenmerge: ImportanceMerge(importance='cfg') needs an unconditional prediction, but this call "
+                    f"runs {expected.name}, which has none: run with guidance_scale > 1 as well, or {fix[0].lower()}"
+                    f"{fix[1:]}")
+        if expected is not None:
+            return (f"tokenmerge: ImportanceMerge(importance='cfg'): the pipeline runs {expected.name} ({expected.parts} "
+                    f"parts per image), but this denoiser call has batch size {batch}, not a multiple of "
+                    f"{expected.parts}, so which rows are conditional is unknown. Call the denoiser as the pipeline "
+                    f"does, or: {fix}")
+        return ("tokenmerge: ImportanceMerge(importance='cfg') needs classifier-free guidance (a batch "
+                f"[uncond; cond]), but this call has batch size {batch} without it (guidance off, or a "
+                f"guidance-distilled model such as LCM). Run with guidance_scale > 1, or: {fix}")
+
+
+def pipeline_flag(pipe: object, name: str) -> bool | None:
+    """A pipeline's guidance switch (``do_classifier_free_guidance``...), or None where it has none (or no pipeline)."""
+    try:
+        flag = getattr(pipe, name, None)
+    except AttributeError:  # a property read before the pipeline call set its guidance scale
+        return None
+    return None if flag is None else bool(flag)
+
+
+#: diffusers' InstructPix2Pix pipelines, by class (and their subclasses): three-part guidance batches.
+INSTRUCT_PIX2PIX_PIPELINES = ("StableDiffusionInstructPix2PixPipeline", "StableDiffusionXLInstructPix2PixPipeline")
+
+
+def is_instruct_pix2pix(pipe: object) -> bool:
+    """Whether ``pipe`` is (a subclass of) one of diffusers' InstructPix2Pix pipelines; by name, so the check imports
+    nothing (a pipeline of that class has its module imported already)."""
+    return any(cls.__name__ in INSTRUCT_PIX2PIX_PIPELINES and cls.__module__.startswith("diffusers.")
+               for cls in type(pipe).__mro__)
 
 
 def is_signal(signal: object, name: str) -> bool:

@@ -109,7 +109,7 @@ def test_dit_matches_on_the_conditional_half_which_comes_first():
         dit_call(model)
     for event in events:  # one plan for the pair, built from the [cond] row
         assert torch.equal(event.plan.kept[0], event.plan.kept[1])
-    ctx = tokenmerge.methods.base.PlanContext(grid=(1, 1), generator=GEN, cfg_pairs=True, cond_first=True)
+    ctx = tokenmerge.methods.base.PlanContext(grid=(1, 1), generator=GEN, guided=tokenmerge.methods.base.CFG_COND_FIRST)
     x = torch.arange(4.0)[:, None, None]
     assert ctx.conditional(x).flatten().tolist() == [0.0, 1.0]
 

@@ -32,6 +32,37 @@ MIN_WORK_CUDA = 65536
 MIN_ATTENTION_FLOPS_CUDA = 10**12
 
 
+@dataclass(frozen=True)
+class GuidedBatch:
+    """How a guided denoiser batch is laid out: ``parts`` equal chunks, each the same images in another role.
+
+    ``cond`` is the chunk plans match on and importance's ``eps_cond`` comes from; ``uncond`` the chunk of
+    ``eps_uncond`` (None when the layout has no unconditional chunk, e.g. PAG without CFG).
+    """
+
+    name: str
+    parts: int
+    cond: int
+    uncond: int | None
+
+    def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Chunk ``index`` of ``x`` along the batch."""
+        size = x.shape[0] // self.parts
+        return x[index * size:(index + 1) * size]
+
+
+#: Classifier-free guidance as diffusers' pipelines batch it, ``[uncond; cond]``, and as DiT's does, ``[cond; uncond]``.
+CFG = GuidedBatch("classifier-free guidance [uncond; cond]", 2, cond=1, uncond=0)
+CFG_COND_FIRST = GuidedBatch("classifier-free guidance [cond; uncond]", 2, cond=0, uncond=1)
+#: Perturbed-attention guidance (diffusers' PAG pipelines): with CFG ``[uncond; cond; perturbed]``, alone
+#: ``[cond; perturbed]``.
+PAG_CFG = GuidedBatch("CFG with perturbed-attention guidance [uncond; cond; perturbed]", 3, cond=1, uncond=0)
+PAG = GuidedBatch("perturbed-attention guidance without CFG [cond; perturbed]", 2, cond=0, uncond=None)
+#: InstructPix2Pix: ``[text and image; image only; neither]``; importance compares the fully conditional chunk with
+#: the fully unconditional one.
+INSTRUCT_PIX2PIX = GuidedBatch("InstructPix2Pix guidance [text+image; image; uncond]", 3, cond=0, uncond=2)
+
+
 @dataclass
 class PlanContext:
     """Everything a method may use to build a plan for one block call, besides the tokens.
@@ -42,7 +73,9 @@ class PlanContext:
             ``plan.DEVICE_RNG``, the tokens' device's default generator holding the patch's private stream
             for the call (never the user's); called directly, any ``torch.Generator``. None for a method that
             draws nothing (:attr:`MethodConfig.uses_rng` is False).
-        cfg_pairs: True when the batch is ``[uncond; cond]`` and both halves must share one plan.
+        guided: the batch's guidance layout (:class:`GuidedBatch`: ``[uncond; cond]`` for classifier-free guidance,
+            three parts for PAG or InstructPix2Pix), whose parts are the same images and share one plan; None when
+            every row is an image of its own.
         prune_phase: True during the first steps where the method prunes instead of merging
             (:meth:`MethodConfig.prunes_at`).
         importance: ``(pairs_or_batch, N)`` importance of each token, or None when none is known yet.
@@ -52,26 +85,26 @@ class PlanContext:
             U-Net, ``"blocks"`` in a transformer. ToFu prunes by stage.
         bottleneck: True for a block at the lowest resolution of a U-Net (never in a transformer). ReToM widens
             its window there.
-        cond_first: True when a CFG batch is ``[cond; uncond]`` (DiT's pipeline) instead of ``[uncond; cond]``.
     """
 
     grid: tuple[int, int]
     generator: torch.Generator | str | None = None
-    cfg_pairs: bool = False
+    guided: GuidedBatch | None = None
     prune_phase: bool = False
     importance: torch.Tensor | None = None
     block: str = ""
     level: int = 0
     stage: str = "blocks"
     bottleneck: bool = False
-    cond_first: bool = False
+
+    @property
+    def groups(self) -> int:
+        """Parts of the batch that share a plan: 1, or the guidance layout's parts."""
+        return 1 if self.guided is None else self.guided.parts
 
     def conditional(self, x: torch.Tensor) -> torch.Tensor:
-        """The conditional half of a CFG batch (the whole batch without CFG)."""
-        if not self.cfg_pairs:
-            return x
-        half = x.shape[0] // 2
-        return x[:half] if self.cond_first else x[half:]
+        """The conditional part of a guided batch (the whole batch without guidance): what plans match on."""
+        return x if self.guided is None else self.guided.part(x, self.guided.cond)
 
 
 #: Largest temporal ratio: frames are matched in pairs (one destination per two frames).

@@ -159,6 +159,6 @@ class ImportanceMerge(MethodConfig):
         independent = similarity.topk(num_kept - dst.shape[1], dim=1, largest=False).indices
 
         parts = (dst, independent, src, closest)
-        if ctx.cfg_pairs:  # [uncond; cond] share the plan: the parts twice (a view for one image)
-            parts = tuple(t[None].expand(2, *t.shape).flatten(0, 1) for t in parts)
+        if ctx.groups > 1:  # the parts of a guided batch share the plan: repeated per part (a view for one image)
+            parts = tuple(t[None].expand(ctx.groups, *t.shape).flatten(0, 1) for t in parts)
         return plan_from_matching(*parts, num_tokens, prune=ctx.prune_phase)
