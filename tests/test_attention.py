@@ -16,6 +16,7 @@ from diffusers.models.attention_processor import (
     AttnProcessor,
     AttnProcessor2_0,
     FusedAttnProcessor2_0,
+    IPAdapterAttnProcessor2_0,
     PAGIdentitySelfAttnProcessor2_0,
     SlicedAttnProcessor,
 )
@@ -25,6 +26,7 @@ from tokenmerge import ImportanceMerge, ReToM, SiTo, ToFu, ToMe
 from tokenmerge.arguments import Signature
 from tokenmerge.attention import padded_head_dim, self_attention_arguments
 from tokenmerge.plan import MergePlan
+from tokenmerge.tools.tiny import tiny_unet
 
 from .conftest import add_lora, run, unet_inputs
 from .models.helpers import CountingProcessor
@@ -271,3 +273,44 @@ def test_a_mask_with_a_query_dimension_raises_naming_the_shapes_merging_supports
     mask = torch.zeros(2, x.shape[1], x.shape[1])
     with pytest.raises(ValueError, match=r"one bias per key \(2, 13\)"):
         self_attention_arguments(attn, Signature.of(attn), (x,), {"attention_mask": mask}, plan, ToMe())
+
+
+def ip_adapter_unet():
+    """A tiny SD U-Net whose cross-attentions run diffusers' IP-Adapter processor (random image-prompt weights)."""
+    unet = tiny_unet("sd1")
+    processors = {}
+    for name, processor in unet.attn_processors.items():
+        attn = unet.get_submodule(name.rsplit(".processor", 1)[0])
+        processors[name] = (IPAdapterAttnProcessor2_0(attn.to_q.in_features, 32, num_tokens=(4,), scale=1.0)
+                            if name.endswith("attn2.processor") else processor)
+    unet.set_attn_processor(processors)
+    return unet
+
+
+def ip_adapter_call(unet, masks):
+    gen = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 7, 32, generator=gen)
+    image_prompt = torch.randn(2, 1, 4, 32, generator=gen)
+    options = {} if masks is None else {"ip_adapter_masks": masks}
+    with torch.no_grad():
+        return unet(x, torch.tensor(500), encoder_hidden_states=(text, [image_prompt]),
+                    cross_attention_kwargs=options).sample
+
+
+def test_ip_adapter_masks_with_merged_cross_attention_queries_raise_instead_of_misaligning():
+    """diffusers resizes an IP-Adapter mask to the query count; merged queries would get a mask that does not line
+    up with them, silently. merge_crossattn=True raises on a masked call; the default merges self-attention only
+    and takes the masks as they are."""
+    unet = ip_adapter_unet()
+    mask = torch.zeros(1, 1, 128, 128)
+    mask[..., :64] = 1  # the left half of the image
+    masks = [mask]
+    with tokenmerge.patched(unet, ToMe(ratio=0.5, merge_crossattn=True, min_tokens=0, seed=0)):
+        ip_adapter_call(unet, None)  # no masks: merged cross-attention queries are fine
+        with pytest.raises(ValueError, match="IP-Adapter masks.*merge_crossattn=False"):
+            ip_adapter_call(unet, masks)
+    reference = ip_adapter_call(unet, masks)
+    with tokenmerge.patched(unet, ToMe(ratio=0.5, min_tokens=0, seed=0)):
+        merged = ip_adapter_call(unet, masks)
+    assert merged.shape == reference.shape and not torch.equal(merged, reference)
+    assert torch.equal(ip_adapter_call(unet, masks), reference)

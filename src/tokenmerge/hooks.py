@@ -216,6 +216,13 @@ class BlockPatch:
 
     def _merge(self, signature, module, args, kwargs):
         if self.plan is not None:
+            if kwargs.get("ip_adapter_masks") is not None:
+                raise ValueError(
+                    f"tokenmerge: merge_crossattn=True merges the queries of {self.target.name}'s cross-attention, "
+                    "but this call passes IP-Adapter masks (cross_attention_kwargs['ip_adapter_masks']): diffusers "
+                    "resizes each mask to the query count as if the queries were a grid, so on merged queries the "
+                    "mask would not line up with the tokens. Use merge_crossattn=False (the default) with masks."
+                )
             return signature.replace(args, kwargs, "hidden_states",
                                      self.plan.merge(signature.read(args, kwargs, "hidden_states")))
         return None
