@@ -67,7 +67,7 @@ def check_merges_and_restores(pipe, configs, **kwargs) -> dict[str, list]:
         tokenmerge.apply(pipe, config, on_plan=recorded.append)
         with HostSyncs() as syncs:
             merged = generate(pipe, **kwargs)
-        assert len(syncs.found) <= 1 and all("(_is_cfg_batch)" in found for found in syncs.found), config
+        assert len(syncs.found) <= 1 and all("(_guided_batch)" in found for found in syncs.found), config
         assert torch.isfinite(merged).all() and not torch.allclose(merged, unpatched, atol=1e-4), config
         if isinstance(config, ImportanceMerge):
             assert {e.step for e in recorded if e.importance is None} == {0}

@@ -250,8 +250,10 @@ class PatchState:
             layout = INSTRUCT_PIX2PIX
         elif cfg_flag is not None:
             layout = cfg if cfg_flag else None
-        elif pipe is None or batch % 2:
-            layout = cfg if batch % 2 == 0 else None
+        elif batch % 2:
+            layout = None
+        elif pipe is None:
+            layout = cfg
         else:
             if new_run or self._run_is_cfg is None:
                 half = batch // 2
@@ -261,13 +263,12 @@ class PatchState:
         return layout if layout is not None and batch % layout.parts == 0 else None
 
     def _no_cfg_message(self, batch: int) -> str:
-        fix = ("Use ImportanceMerge(importance='crossattn') for the cross-attention map of the final block, or give "
+        fix = ("use ImportanceMerge(importance='crossattn') for the cross-attention map of the final block, or give "
                "the importance yourself: ImportanceMerge(importance=<map tensor or callable>).")
         expected = self.expected_layout
         if expected is not None and expected.uncond is None:
             return (f"tokenmerge: ImportanceMerge(importance='cfg') needs an unconditional prediction, but this call "
-                    f"runs {expected.name}, which has none: run with guidance_scale > 1 as well, or {fix[0].lower()}"
-                    f"{fix[1:]}")
+                    f"runs {expected.name}, which has none: run with guidance_scale > 1 as well, or {fix}")
         if expected is not None:
             return (f"tokenmerge: ImportanceMerge(importance='cfg'): the pipeline runs {expected.name} ({expected.parts} "
                     f"parts per image), but this denoiser call has batch size {batch}, not a multiple of "
