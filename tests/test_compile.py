@@ -15,6 +15,7 @@ import torch
 
 import tokenmerge
 from tokenmerge import ImportanceMerge, ReToM, SiTo, ToFu, ToMe
+from tokenmerge.methods import METHODS
 from tokenmerge.tools.tiny import tiny_pipeline
 
 from .conftest import run, unet_inputs
@@ -191,3 +192,45 @@ def test_a_compiled_pipeline_makes_the_eager_images():
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert not torch.allclose(eager[0], eager[1]), "two seeds, two images"
+
+
+def test_apply_and_remove_through_a_compiled_wrapper_raise_naming_the_order_that_works():
+    """``pipe.unet = torch.compile(pipe.unet)`` after ``apply``: torch.compile does not guard module hooks, so
+    removing them beneath the wrapper would leave its traced code merging (it did, silently). remove() raises and
+    names the fix, which gives the unpatched outputs back; applying onto a compiled wrapper raises the same way."""
+    pipe = tiny_pipeline("sd1")
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate():
+        return pipe("a cat", num_inference_steps=2, height=64, width=64, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    reference = generate()
+    tokenmerge.apply(pipe, ToMe(ratio=0.5, seed=0, min_tokens=0))
+    merged = generate()
+    dynamo.reset()
+    pipe.unet = torch.compile(pipe.unet, backend="eager")
+    torch.testing.assert_close(generate(), merged, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"torch.compile wrapper.*pipe.unet = pipe.unet._orig_mod"):
+        tokenmerge.remove(pipe)
+    with pytest.raises(ValueError, match=r"torch.compile wrapper.*apply\(pipe, config\) first"):
+        tokenmerge.apply(pipe, ImportanceMerge(ratio=0.5))
+    pipe.unet = pipe.unet._orig_mod  # the fix the message names
+    tokenmerge.remove(pipe)
+    assert torch.equal(generate(), reference)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_inductor_the_default_backend_compiles_every_method_to_the_eager_outputs(sd1_unet, name):
+    """``torch.compile`` with its default backend (inductor), whole graph, each method at its defaults (random cells
+    and ImportanceMerge's draws included: ``fallback_random`` draws through the eager kernels, the same stream).
+    One per method keeps CI's time in bounds (tens of seconds each on 2 cores)."""
+    config = METHODS[name](ratio=0.5, seed=0, min_tokens=0)
+    args, kwargs = unet_inputs(sd1_unet, 2)
+    with tokenmerge.patched(sd1_unet, config):
+        eager = run(sd1_unet, args, kwargs)
+    with tokenmerge.patched(sd1_unet, config), torch._inductor.config.patch(fallback_random=True):
+        dynamo.reset()
+        compiled = run(torch.compile(sd1_unet, fullgraph=True), args, kwargs)
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(eager, run(sd1_unet, args, kwargs), atol=1e-4), "must merge"

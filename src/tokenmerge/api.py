@@ -77,6 +77,20 @@ def attention_owners(denoiser: nn.Module) -> list[str]:
     return sorted(owners)
 
 
+def refuse_compiled(denoiser: nn.Module, action: str) -> None:
+    """Patching or unpatching through a ``torch.compile`` wrapper would silently not take effect: dynamo does not
+    guard module hooks (``skip_nnmodule_hook_guards``), so code compiled before keeps running as it was traced."""
+    original = getattr(denoiser, "_orig_mod", None)
+    if isinstance(original, nn.Module):
+        fix = ("tokenmerge.apply(pipe, config) first, then pipe.unet = torch.compile(pipe.unet)" if action == "apply"
+               else "pipe.unet = pipe.unet._orig_mod, then tokenmerge.remove(pipe) (and compile again if wanted)")
+        raise ValueError(
+            f"tokenmerge.{action}: the denoiser is a torch.compile wrapper of {type(original).__name__}. Its compiled "
+            f"code does not see hooks {'added' if action == 'apply' else 'removed'} after it was traced (torch.compile "
+            f"does not guard module hooks), so this would silently not take effect. Do: {fix}."
+        )
+
+
 def apply(model: Model, config: MethodConfig, *, on_plan: Callable[[PlanEvent], None] | None = None) -> Model:
     """Patch ``model`` (a pipeline or its denoiser) with a token-merging method; returns ``model``.
 
@@ -91,6 +105,7 @@ def apply(model: Model, config: MethodConfig, *, on_plan: Callable[[PlanEvent], 
             f"got {type(config).__name__}"
         )
     denoiser, pipeline = find_denoiser(model)
+    refuse_compiled(denoiser, "apply")
     adapter = adapter_for(denoiser)
     config = resolve(config, adapter.family)
     adapter.check(config)
@@ -122,6 +137,8 @@ def apply(model: Model, config: MethodConfig, *, on_plan: Callable[[PlanEvent], 
 def remove(model: Model) -> Model:
     """Undo :func:`apply`: every hook and all state go; outputs are those of the unpatched model."""
     denoiser, _ = find_denoiser(model)
+    if getattr(denoiser, STATE_ATTR, None) is not None:  # a wrapper that forwards the attribute: patched beneath
+        refuse_compiled(denoiser, "remove")
     state = denoiser.__dict__.pop(STATE_ATTR, None)
     if state is not None:
         for handle in state.handles:
