@@ -74,8 +74,7 @@ class AnimateDiffAdapter(UNetAdapter):
 
     def submodules(self, config, target: PatchTarget) -> list[nn.Module]:
         if target.temporal:  # both attentions of a motion module are self-attention over the frames
-            names = (target.kind.self_attention, target.kind.cross_attention)
-            return [part for part in map(target.part, names) if part is not None]
+            return target.modules((target.kind.self_attention, target.kind.cross_attention))
         return super().submodules(config, target)
 
     def make_patch(self, state, target: PatchTarget):

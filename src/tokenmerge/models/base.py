@@ -42,6 +42,10 @@ class PatchTarget:
         """The block's submodule ``name`` (a :class:`BlockKind` attribute name), or None."""
         return None if name is None else getattr(self.block, name, None)
 
+    def modules(self, names: tuple[str | None, ...]) -> list[nn.Module]:
+        """The submodules ``names`` that the block has, in that order."""
+        return [part for part in map(self.part, names) if part is not None]
+
 
 @dataclass(frozen=True)
 class ExampleShape:
@@ -115,8 +119,7 @@ class Adapter:
 
     def submodules(self, config, target: PatchTarget) -> list[nn.Module]:
         """The parts of ``target`` that ``config`` merges around (``attn1``, ``attn2``, ``ff`` of a diffusers block)."""
-        names = target.kind.parts(config.merge_attn, config.merge_crossattn, config.merge_mlp)
-        return [part for part in map(target.part, names) if part is not None]
+        return target.modules(target.kind.parts(config.merge_attn, config.merge_crossattn, config.merge_mlp))
 
     def make_patch(self, state, target: PatchTarget):
         """The hook set of one target (a family may skip calls, e.g. Zero123++'s reference pass)."""
