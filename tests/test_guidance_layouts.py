@@ -104,3 +104,16 @@ def test_other_methods_run_on_three_part_batches_and_remove_restores():
         merged = pipe(**call, generator=torch.Generator().manual_seed(0)).images
     assert not torch.equal(merged, reference)
     assert torch.equal(pipe(**call, generator=torch.Generator().manual_seed(0)).images, reference)
+
+
+def test_a_batch_that_is_not_a_whole_number_of_the_layouts_parts_is_not_guessed():
+    """A denoiser call of batch 2 while the pipeline says it runs [uncond; cond; perturbed] (a call its own loop did
+    not make): CFG importance raises naming the layout, instead of taking halves for a pair."""
+    pipe = pag_pipeline()
+    pipe._guidance_scale, pipe._pag_scale = 5.0, 3.0  # what the pipeline's call sets: CFG and PAG on
+    assert pipe.do_classifier_free_guidance and pipe.do_perturbed_attention_guidance
+    gen = torch.Generator().manual_seed(0)
+    latent, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    with tokenmerge.patched(pipe, ImportanceMerge(ratio=0.5, seed=0, min_tokens=0)):
+        with pytest.raises(ValueError, match=r"\[uncond; cond; perturbed\] \(3 parts per image\).*batch size 2"):
+            pipe.unet(latent, torch.tensor(500), text)
