@@ -10,7 +10,7 @@ from torch import nn
 
 from .hooks import install_denoiser_hooks
 from .methods.base import MethodConfig
-from .models import adapter_for
+from .models import adapter_for, prepare_pipeline
 from .presets import resolve
 from .signals import install_crossattn_importance
 from .state import PatchState, PlanEvent, is_signal
@@ -31,6 +31,18 @@ def find_denoiser(model: object) -> tuple[nn.Module, object | None]:
         f"tokenmerge.apply expects a diffusers pipeline or its denoiser module (e.g. pipe.unet), "
         f"got {type(model).__name__}"
     )
+
+
+def patches_in(denoiser: nn.Module) -> list[tuple[nn.Module, PatchState]]:
+    """``(module, state)`` of every patch at or inside ``denoiser``: a wrapper made around a patched model (Zero123++
+    wraps its U-Net inside its first call) holds the patch beneath it."""
+    return [(module, module.__dict__[STATE_ATTR]) for module in denoiser.modules() if STATE_ATTR in module.__dict__]
+
+
+def state_of(model: object) -> PatchState | None:
+    """The patch of a pipeline's or a bare denoiser's model, or None."""
+    found = patches_in(find_denoiser(model)[0])
+    return found[0][1] if found else None
 
 
 def nothing_to_patch(config: MethodConfig, adapter) -> str:
@@ -78,17 +90,24 @@ def attention_owners(denoiser: nn.Module) -> list[str]:
 
 
 def refuse_compiled(denoiser: nn.Module, action: str) -> None:
-    """Patching or unpatching through a ``torch.compile`` wrapper would silently not take effect: dynamo does not
-    guard module hooks (``skip_nnmodule_hook_guards``), so code compiled before keeps running as it was traced."""
-    original = getattr(denoiser, "_orig_mod", None)
-    if isinstance(original, nn.Module):
-        fix = ("tokenmerge.apply(pipe, config) first, then pipe.unet = torch.compile(pipe.unet)" if action == "apply"
-               else "pipe.unet = pipe.unet._orig_mod, then tokenmerge.remove(pipe) (and compile again if wanted)")
-        raise ValueError(
-            f"tokenmerge.{action}: the denoiser is a torch.compile wrapper of {type(original).__name__}. Its compiled "
-            f"code does not see hooks {'added' if action == 'apply' else 'removed'} after it was traced (torch.compile "
-            f"does not guard module hooks), so this would silently not take effect. Do: {fix}."
-        )
+    """Patching or unpatching through a ``torch.compile`` wrapper (the denoiser, or a model inside it) would silently
+    not take effect: dynamo does not guard module hooks (``skip_nnmodule_hook_guards``), so code compiled before
+    keeps running as it was traced."""
+    compiled = next((module for module in denoiser.modules()
+                     if isinstance(getattr(module, "_orig_mod", None), nn.Module)), None)
+    if compiled is None:
+        return
+    original = type(compiled._orig_mod).__name__
+    where = "the denoiser is" if compiled is denoiser else f"the denoiser holds {original} as"
+    fix = ("tokenmerge.apply(pipe, config) first, then compile (pipe.unet = torch.compile(pipe.unet))"
+           if action == "apply" else
+           "put the uncompiled module back (pipe.unet = pipe.unet._orig_mod), then tokenmerge.remove(pipe) (and "
+           "compile again if wanted)")
+    raise ValueError(
+        f"tokenmerge.{action}: {where} a torch.compile wrapper of {original}. Its compiled code does not see hooks "
+        f"{'added' if action == 'apply' else 'removed'} after it was traced (torch.compile does not guard module "
+        f"hooks), so this would silently not take effect. Do: {fix}."
+    )
 
 
 def apply(model: Model, config: MethodConfig, *, on_plan: Callable[[PlanEvent], None] | None = None) -> Model:
@@ -105,6 +124,9 @@ def apply(model: Model, config: MethodConfig, *, on_plan: Callable[[PlanEvent], 
             f"got {type(config).__name__}"
         )
     denoiser, pipeline = find_denoiser(model)
+    if pipeline is not None:
+        prepare_pipeline(pipeline)
+        denoiser, pipeline = find_denoiser(model)
     refuse_compiled(denoiser, "apply")
     adapter = adapter_for(denoiser)
     config = resolve(config, adapter.family)
@@ -124,7 +146,7 @@ def apply(model: Model, config: MethodConfig, *, on_plan: Callable[[PlanEvent], 
         adapter.importance_target()  # raises, naming the alternatives, on a model without cross-attention
     remove(model)
     state = PatchState(config, adapter, pipeline, on_plan)
-    install_denoiser_hooks(state, denoiser)
+    install_denoiser_hooks(state)
     adapter.install(state)
     for target, submodules in patches + temporal:
         adapter.make_patch(state, target).install(submodules)
@@ -135,12 +157,15 @@ def apply(model: Model, config: MethodConfig, *, on_plan: Callable[[PlanEvent], 
 
 
 def remove(model: Model) -> Model:
-    """Undo :func:`apply`: every hook and all state go; outputs are those of the unpatched model."""
+    """Undo :func:`apply`: every hook and all state go; outputs are those of the unpatched model.
+
+    A patch beneath the pipeline's denoiser (a wrapper made after patching, or a compiled one) is found there."""
     denoiser, _ = find_denoiser(model)
-    if getattr(denoiser, STATE_ATTR, None) is not None:  # a wrapper that forwards the attribute: patched beneath
+    found = patches_in(denoiser)
+    if found:
         refuse_compiled(denoiser, "remove")
-    state = denoiser.__dict__.pop(STATE_ATTR, None)
-    if state is not None:
+    for module, state in found:
+        del module.__dict__[STATE_ATTR]
         for handle in state.handles:
             handle.remove()
         state.handles.clear()
@@ -152,20 +177,20 @@ def skipped_blocks(model: object) -> dict[str, int]:
 
     ``{block name: tokens}``; empty when every patched block merged (or the model is not patched).
     """
-    state = getattr(find_denoiser(model)[0], STATE_ATTR, None)
+    state = state_of(model)
     return dict(state.skipped) if state is not None else {}
 
 
 def current_config(model: object) -> MethodConfig | None:
     """The config ``model`` is patched with, or None."""
-    state = getattr(find_denoiser(model)[0], STATE_ATTR, None)
+    state = state_of(model)
     return state.config if state is not None else None
 
 
 @contextlib.contextmanager
 def patched(model: Model, config: MethodConfig, **kwargs) -> Iterator[Model]:
     """Patch ``model`` for the duration of a ``with`` block; an earlier patch is restored afterwards."""
-    state = getattr(find_denoiser(model)[0], STATE_ATTR, None)
+    state = state_of(model)
     apply(model, config, **kwargs)
     try:
         yield model

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .api import apply, current_config, find_denoiser, patched, remove
+from .api import apply, current_config, find_denoiser, patched, remove, state_of
 from .hooks import floor_warnings_off
 from .methods.base import MethodConfig
 from .models import example_inputs
@@ -141,7 +141,7 @@ def auto_ratio(model: object, config: MethodConfig, target_speedup: float, *,
             call()
         return statistics.median(timer(call) for _ in range(repeats))
 
-    previous = getattr(denoiser, "_tokenmerge", None)
+    previous = state_of(denoiser)
     remove(denoiser)
     try:
         baseline = median_seconds()

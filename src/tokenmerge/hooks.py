@@ -60,16 +60,22 @@ def is_self_attention(module: torch.nn.Module) -> bool:
     return hasattr(module, "processor") and not getattr(module, "is_cross_attention", True)
 
 
-def install_denoiser_hooks(state: PatchState, denoiser: torch.nn.Module) -> None:
+def install_denoiser_hooks(state: PatchState) -> None:
+    """The hooks of each denoiser call, on the adapter's ``call_site``; a pass the adapter skips (Zero123++'s
+    reference image) is neither counted nor read."""
+    adapter = state.adapter
+    denoiser = adapter.call_site
     signature = Signature.of(denoiser)
-    latent, timestep = state.adapter.latent_argument, "timestep"
+    latent, timestep = adapter.latent_argument, "timestep"
 
     @torch.compiler.disable
     def before(module, args, kwargs):
-        state.begin_call(signature.read(args, kwargs, latent), signature.read(args, kwargs, timestep))
+        if not adapter.skips_call():
+            state.begin_call(signature.read(args, kwargs, latent), signature.read(args, kwargs, timestep))
 
     def after(module, args, output):
-        state.end_call(output)
+        if not adapter.skips_call():
+            state.end_call(output)
 
     @torch.compiler.disable
     def give_back_rng(module, args, output):

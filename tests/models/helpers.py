@@ -57,17 +57,26 @@ def check_merges_and_restores(model: torch.nn.Module, call: Callable, config, ti
     return merged
 
 
-def check_compiles_whole(model: torch.nn.Module, call: Callable, config, timesteps=(950, 700, 400)) -> None:
+def check_compiles_whole(model: torch.nn.Module, call: Callable, config, timesteps=(950, 700, 400),
+                         site: str | None = None) -> None:
     """``torch.compile(model, fullgraph=True)`` (``aot_eager``: eager kernels, the same random draws) runs a patched
-    run of ``call(model, t=t)`` without a graph break and gives the eager outputs."""
+    run of ``call(model, t=t)`` without a graph break and gives the eager outputs. ``site``: compile the model's
+    submodule of that name in its place instead (a wrapper's inner model)."""
     torch.manual_seed(0)
     with tokenmerge.patched(model, config):
         eager = [call(model, t=t) for t in timesteps]
     torch.manual_seed(0)
     with tokenmerge.patched(model, config):
         torch._dynamo.reset()
-        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-        got = [call(compiled, t=t) for t in timesteps]
+        if site is None:
+            got = [call(torch.compile(model, fullgraph=True, backend="aot_eager"), t=t) for t in timesteps]
+        else:
+            inner = getattr(model, site)
+            setattr(model, site, torch.compile(inner, fullgraph=True, backend="aot_eager"))
+            try:
+                got = [call(model, t=t) for t in timesteps]
+            finally:
+                setattr(model, site, inner)
     for a, b in zip(got, eager):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert not torch.allclose(eager[0], call(model, t=timesteps[0]), atol=1e-4), "must merge"

@@ -39,6 +39,8 @@ class FamilyConformance:
     takes_attention_modes = True
     #: Timesteps of the calls a merged run makes (the pruning phase and the merging phase of ImportanceMerge).
     timesteps = (950, 700, 400)
+    #: The submodule compiled in place for the compile test (None: the model itself).
+    compile_site: str | None = None
     #: Image size (pixels) of the example-input check: one side, or ``(height, width)``.
     example_size: int | tuple[int, int] = 64
 
@@ -69,7 +71,8 @@ class FamilyConformance:
 
     @pytest.mark.parametrize("name", ["tome", "importance"])
     def test_compiles_whole(self, model, name):
-        check_compiles_whole(model, self.call, METHODS[name](ratio=0.5, seed=0), timesteps=self.timesteps)
+        check_compiles_whole(model, self.call, METHODS[name](ratio=0.5, seed=0), timesteps=self.timesteps,
+                             site=self.compile_site)
 
     def test_example_inputs_run_the_denoiser_and_merging_shortens_its_blocks(self, model):
         """The family's example inputs (``bench``, ``auto_ratio``, FLOP counts) are a call its denoiser takes: a

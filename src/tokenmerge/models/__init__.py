@@ -8,7 +8,7 @@ from torch import nn
 
 from .base import Adapter, PatchTarget
 
-__all__ = ["Adapter", "PatchTarget", "adapter_for", "adapters", "example_inputs", "tiny_configs"]
+__all__ = ["Adapter", "PatchTarget", "adapter_for", "adapters", "example_inputs", "prepare_pipeline", "tiny_configs"]
 
 
 def adapters() -> tuple[type[Adapter], ...]:
@@ -31,6 +31,12 @@ def adapter_for(denoiser: nn.Module) -> Adapter:
         f"tokenmerge does not support {type(denoiser).__name__}: supported denoisers are {supported}. "
         "Pass a diffusers pipeline (e.g. StableDiffusionPipeline) or its denoiser (pipe.unet / pipe.transformer)."
     )
+
+
+def prepare_pipeline(pipeline: object) -> None:
+    """Let each family bring a pipeline to the denoiser its calls will run (:meth:`Adapter.prepare_pipeline`)."""
+    for adapter in adapters():
+        adapter.prepare_pipeline(pipeline)
 
 
 def example_inputs(denoiser: nn.Module, size: int | tuple[int, int], images: int = 1,

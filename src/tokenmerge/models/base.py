@@ -114,6 +114,17 @@ class Adapter:
                 f"temporal layers of a video model, but {type(self.denoiser).__name__} has none; leave it at 0"
             )
 
+    @staticmethod
+    def prepare_pipeline(pipeline: object) -> None:
+        """Bring ``pipeline`` to the denoiser its calls will run, before it is patched (a pipeline that wraps its
+        model only inside its first call: Zero123++)."""
+
+    @property
+    def call_site(self) -> nn.Module:
+        """The module one call of which is one denoiser call: the hooks that count steps and read the prediction go
+        there (the denoiser, or the model inside a wrapper that does work of its own around it)."""
+        return self.denoiser
+
     def install(self, state) -> None:
         """Hooks of the family's own, beyond the blocks' (their handles go to ``state.handles``)."""
 

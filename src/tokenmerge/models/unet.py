@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..arguments import Signature
 from .base import Adapter, ExampleShape, PatchTarget
 from .blocks import find_blocks
 
@@ -80,6 +81,23 @@ class UNetAdapter(Adapter):
         first = min(t.level for t in found)
         levels = config.max_downsample_levels()
         return [t for t in found if t.level - first < levels]
+
+    def install(self, state) -> None:
+        """Refuse a call from a reference-attention wrapper made after the U-Net was patched on its own (Zero123++
+        wraps its U-Net inside its first call): the plain patch would merge the reference pass too, silently."""
+        signature = Signature.of(self.unet)
+
+        def refuse_reference_wrapper(module, args, kwargs):
+            options = signature.read(args, kwargs, "cross_attention_kwargs")
+            if isinstance(options, dict) and "ref_dict" in options:
+                raise ValueError(
+                    f"tokenmerge: this {type(module).__name__} was patched on its own but now runs inside a "
+                    "reference-attention wrapper (Zero123++'s RefOnlyNoisedUNet: its calls carry mode/ref_dict), "
+                    "whose reference pass must not be merged. Patch the pipeline, tokenmerge.apply(pipe, config), or "
+                    "the wrapper: tokenmerge.remove(pipe); pipe.prepare(); tokenmerge.apply(pipe.unet, config)."
+                )
+
+        state.handles.append(self.unet.register_forward_pre_hook(refuse_reference_wrapper, with_kwargs=True))
 
     def check(self, config) -> None:
         if config.layers is not None:

@@ -13,8 +13,15 @@ reference tokens to its keys and values. This adapter:
 * treats the tiled latent as one grid (the views attend to each other in one self-attention, so matching
   across views is the model's own grouping); the importance map is the tiled latent's.
 
+* counts steps and reads the prediction on the inner U-Net's views pass (:attr:`call_site`), so the wrapper's own
+  draw of the reference noise (``torch.randn_like`` from the global generator) happens before the patch's random
+  stream is lent, and draws exactly what it draws unpatched;
+* patches the wrapper even when applied to the pipeline before its first call: ``Zero123PlusPipeline`` wraps its
+  U-Net inside ``__call__`` (``pipe.prepare()``), which :meth:`prepare_pipeline` runs first.
+
 Preset (Sec. 4.1, App. B): the first two and last two blocks (``max_downsample=2``), ``pool=0.6``, pruning in
-the first 10 of 50 steps. Any wrapper with a ``.unet`` U-Net and the ``mode`` convention is handled the same way.
+the first 10 of 50 steps. Any wrapper (or wrapper of wrappers, e.g. its depth ControlNet's ``DepthControlUNet``)
+with a ``.unet`` U-Net and the ``mode`` convention is handled the same way.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from .unet import UNetAdapter
 
 #: The ``cross_attention_kwargs["mode"]`` of the reference pass (Zero123++'s convention).
 REFERENCE_MODE = "w"
+#: The community pipeline's class (by name: tokenmerge does not import community code).
+PIPELINE_CLASS = "Zero123PlusPipeline"
 #: The condition image's side in pixels (its reference pass runs on 40x40 latents).
 REFERENCE_SIZE = 320
 
@@ -45,7 +54,7 @@ class Zero123PlusAdapter(UNetAdapter):
     )}
 
     def __init__(self, denoiser: nn.Module) -> None:
-        super().__init__(denoiser.unet)
+        super().__init__(inner_unet(denoiser))
         self.denoiser = denoiser
         self.family = "zero123pp"
         self.reference_pass = False
@@ -54,8 +63,19 @@ class Zero123PlusAdapter(UNetAdapter):
     def handles(denoiser: nn.Module) -> bool:
         from diffusers import UNet2DConditionModel
 
-        return not isinstance(denoiser, UNet2DConditionModel) and isinstance(
-            getattr(denoiser, "unet", None), UNet2DConditionModel)
+        return not isinstance(denoiser, UNet2DConditionModel) and inner_unet(denoiser) is not None
+
+    @staticmethod
+    def prepare_pipeline(pipeline: object) -> None:
+        from diffusers import UNet2DConditionModel
+
+        if (any(cls.__name__ == PIPELINE_CLASS for cls in type(pipeline).__mro__)
+                and isinstance(getattr(pipeline, "unet", None), UNet2DConditionModel)):
+            pipeline.prepare()  # what its __call__ does first: pipe.unet becomes the reference-attention wrapper
+
+    @property
+    def call_site(self) -> nn.Module:
+        return self.unet
 
     def install(self, state) -> None:
         signature = Signature.of(self.unet)
@@ -64,7 +84,8 @@ class Zero123PlusAdapter(UNetAdapter):
             options = signature.read(args, kwargs, "cross_attention_kwargs") or {}
             self.reference_pass = options.get("mode") == REFERENCE_MODE
 
-        state.handles.append(self.unet.register_forward_pre_hook(before_unet, with_kwargs=True))
+        # Before the denoiser hooks of the same call site, which skip the reference pass.
+        state.handles.append(self.unet.register_forward_pre_hook(before_unet, with_kwargs=True, prepend=True))
 
     def check(self, config) -> None:
         if config.proportional_attention or not config.merge_queries:
@@ -90,6 +111,17 @@ class Zero123PlusAdapter(UNetAdapter):
         config = self.unet.config
         reference = s.randn(s.batch, config.in_channels, REFERENCE_SIZE // 8, REFERENCE_SIZE // 8)
         return args, {**kwargs, "cross_attention_kwargs": {"cond_lat": reference}}
+
+
+def inner_unet(module: nn.Module, depth: int = 3) -> nn.Module | None:
+    """The ``UNet2DConditionModel`` found by following ``.unet`` from a wrapper (at most ``depth`` wrappers)."""
+    from diffusers import UNet2DConditionModel
+
+    for _ in range(depth):
+        module = module._modules.get("unet")
+        if module is None or isinstance(module, UNet2DConditionModel):
+            return module
+    return None
 
 
 class ReferencePatch(BlockPatch):
