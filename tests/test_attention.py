@@ -17,6 +17,7 @@ from diffusers.models.attention_processor import (
     AttnProcessor2_0,
     FusedAttnProcessor2_0,
     IPAdapterAttnProcessor2_0,
+    PAGCFGIdentitySelfAttnProcessor2_0,
     PAGIdentitySelfAttnProcessor2_0,
     SlicedAttnProcessor,
 )
@@ -210,15 +211,35 @@ def test_the_bias_channel_passes_no_mask_and_pads_the_head_dim_to_a_multiple_of_
     assert keys[0] == padded_head_dim(head_dim) and keys[0] % 8 == 0 and keys[0] > head_dim
 
 
+@pytest.mark.parametrize("processor,guided", [(PAGIdentitySelfAttnProcessor2_0, 1), (PAGCFGIdentitySelfAttnProcessor2_0, 2)])
+def test_pag_processors_give_their_guided_rows_the_size_aware_attention_of_sdpa(sd1_unet, processor, guided):
+    """PAG's processors attend only the guided part of the batch (``[cond; perturbed]``, ``[uncond; cond;
+    perturbed]``) and take the perturbed part through identity attention: the size bias goes to those rows, and they
+    come out as the standard processor computes them. K/V-only cannot pass: the processor takes keys from its input."""
+    parts = guided + 1
+    args, kwargs = unet_inputs(sd1_unet, parts)
+    config = ToMe(ratio=0.5, use_rand=False, proportional_attention=True)
+    with tokenmerge.patched(sd1_unet, config):
+        standard = run(sd1_unet, args, kwargs)
+    blocks = [m for m in sd1_unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    for block in blocks:
+        block.attn1.set_processor(processor())
+    try:
+        with tokenmerge.patched(sd1_unet, config):
+            perturbed = run(sd1_unet, args, kwargs)
+        unmerged_perturbed = run(sd1_unet, args, kwargs)
+        with tokenmerge.patched(sd1_unet, ToMe(merge_queries=False)), pytest.raises(ValueError, match=processor.__name__):
+            run(sd1_unet, args, kwargs)
+    finally:
+        sd1_unet.set_attn_processor(AttnProcessor2_0())
+    torch.testing.assert_close(perturbed[:guided], standard[:guided], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(perturbed[guided:], standard[guided:], atol=1e-3), "the perturbed row is perturbed"
+    assert not torch.allclose(perturbed[guided:], unmerged_perturbed[guided:], atol=1e-5), "and merged"
+
+
 def test_processors_that_cannot_take_the_bias_raise_naming_themselves(sd1_unet):
     args, kwargs = unet_inputs(sd1_unet, 2)
     attn = sd1_unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
-    attn.set_processor(PAGIdentitySelfAttnProcessor2_0())
-    for config in (ToMe(proportional_attention=True), ToMe(merge_queries=False)):
-        with tokenmerge.patched(sd1_unet, config), pytest.raises(ValueError, match="PAGIdentitySelfAttnProcessor2_0"):
-            run(sd1_unet, args, kwargs)
-    with tokenmerge.patched(sd1_unet, ToMe(ratio=0.5)):  # plain merging runs through it as before
-        assert torch.isfinite(run(sd1_unet, args, kwargs)).all()
 
     class Custom:
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):

@@ -43,11 +43,17 @@ class ProcessorTraits:
             tensors it is given (SDPA's default).
         channel: queries, keys and values come from ``attn.to_q/to_k/to_v`` and the output goes through
             ``attn.to_out[0]``, with the head dim read from the keys (``bias_via="channel"`` works).
+        own_keys: keys and values come from ``hidden_states`` even when ``encoder_hidden_states`` is given (so
+            ``merge_queries=False`` cannot pass merged keys).
+        masked_part: ``(n, d)``: only the first ``n/d`` of the batch goes through attention with the mask (PAG
+            splits off its perturbed part, whose identity attention has no keys), so the mask has those rows.
     """
 
     mask_keys: bool = True
     scale: str = "head_dim"
     channel: bool = True
+    own_keys: bool = False
+    masked_part: tuple[int, int] = (1, 1)
 
 
 #: The processors diffusers ships for the attention of the blocks tokenmerge patches, by class name (a subclass
@@ -65,34 +71,31 @@ PROCESSORS: dict[str, ProcessorTraits] = {
     "CustomDiffusionAttnProcessor2_0": ProcessorTraits(mask_keys=False, channel=False),
     "CustomDiffusionAttnProcessor": ProcessorTraits(mask_keys=False, scale="attn", channel=False),
     "CustomDiffusionXFormersAttnProcessor": ProcessorTraits(scale="attn", channel=False),
+    # Perturbed-attention guidance: [cond; perturbed] and [uncond; cond; perturbed], split by the processor.
+    "PAGIdentitySelfAttnProcessor2_0": ProcessorTraits(channel=False, own_keys=True, masked_part=(1, 2)),
+    "PAGCFGIdentitySelfAttnProcessor2_0": ProcessorTraits(channel=False, own_keys=True, masked_part=(2, 3)),
 }
-#: Processors that cannot take a per-sample key bias or separate keys, and why.
-INCOMPATIBLE: dict[str, str] = {
-    "PAGIdentitySelfAttnProcessor2_0": "it splits the batch into its guided and perturbed halves itself and "
-    "computes keys from its own input, so neither a per-sample key bias nor merged keys line up with it",
-    "PAGCFGIdentitySelfAttnProcessor2_0": "it splits the batch into its guided and perturbed parts itself and "
-    "computes keys from its own input, so neither a per-sample key bias nor merged keys line up with it",
-}
+
+
+def known_traits(module: torch.nn.Module) -> ProcessorTraits | None:
+    """The traits of ``module``'s processor (or of its nearest known base class), or None when it is unknown."""
+    for cls in type(getattr(module, "processor", None)).__mro__:
+        if cls.__name__ in PROCESSORS:
+            return PROCESSORS[cls.__name__]
+    return None
 
 
 def processor_traits(module: torch.nn.Module, needs: str) -> ProcessorTraits:
-    """The traits of ``module``'s processor; raises ``ValueError`` naming it when it is unknown or incompatible.
+    """The traits of ``module``'s processor; raises ``ValueError`` naming it when it is unknown.
 
     ``needs`` says what the config asked for, for the message.
     """
-    processor = getattr(module, "processor", None)
-    for cls in type(processor).__mro__:
-        if cls.__name__ in INCOMPATIBLE:
-            raise ValueError(
-                f"tokenmerge: {needs} cannot run through {type(processor).__name__}: {INCOMPATIBLE[cls.__name__]}. "
-                "Leave proportional_attention=False and merge_queries=True on a model using it (perturbed-attention "
-                "guidance), or keep merging away from its layers."
-            )
-        if cls.__name__ in PROCESSORS:
-            return PROCESSORS[cls.__name__]
+    traits = known_traits(module)
+    if traits is not None:
+        return traits
     raise ValueError(
         f"tokenmerge: {needs} needs to know how the attention processor treats attention_mask and "
-        f"encoder_hidden_states, and {type(processor).__name__} is not one tokenmerge knows (known: "
+        f"encoder_hidden_states, and {type(module.processor).__name__} is not one tokenmerge knows (known: "
         f"{', '.join(PROCESSORS)}). Set a diffusers processor (e.g. pipe.unet.set_attn_processor(AttnProcessor2_0())), "
         "or leave proportional_attention=False and merge_queries=True."
     )
@@ -148,6 +151,12 @@ def self_attention_arguments(module: torch.nn.Module, signature: Signature, args
                 "tokenmerge: bias_via='channel' cannot pass through the q/k normalisation of this attention "
                 f"({type(module).__name__} with qk_norm); use bias_via='mask'"
             )
+        if not config.merge_queries and traits.own_keys:
+            raise ValueError(
+                f"tokenmerge: merge_queries=False passes the merged tokens as encoder_hidden_states, but "
+                f"{type(module.processor).__name__} computes keys and values from its own input (perturbed-attention "
+                "guidance); leave merge_queries=True"
+            )
         if user_mask is not None and not config.merge_queries and not traits.mask_keys:
             raise ValueError(
                 f"tokenmerge: {type(module.processor).__name__} pads the attention mask to the query length, so a "
@@ -161,6 +170,8 @@ def self_attention_arguments(module: torch.nn.Module, signature: Signature, args
     elif sized and not channel:
         bias = plan.log_sizes(x.dtype, config.count_pruned)
     if bias is not None:
+        part, whole = (traits or known_traits(module) or ProcessorTraits()).masked_part
+        bias = bias[: bias.shape[0] * part // whole]  # the rows the processor attends with the mask
         args, kwargs = signature.replace(args, kwargs, "attention_mask", bias.to(x.dtype)[:, None, :])
     if config.merge_queries:
         args, kwargs = signature.replace(args, kwargs, "hidden_states", merged)

@@ -11,7 +11,7 @@ import tokenmerge
 from tokenmerge import ImportanceMerge, ToMe
 from tokenmerge.methods import METHODS
 from tokenmerge.models import example_inputs
-from tokenmerge.models.animatediff import VIDEO_FRAMES
+from tokenmerge.models.animatediff import VIDEO_FRAMES, text_per_frame
 from tokenmerge.tools.tiny import tiny_motion_unet
 
 from .helpers import (
@@ -36,7 +36,7 @@ def call(unet, batch=2, t=500, seed=0, latents=None):
     """AnimateDiff's call: latents (B, C, F, H, W), text repeated per frame as the pipeline does."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 4, FRAMES, 16, 16, generator=gen) if latents is None else latents
-    text = torch.randn(batch, 7, 32, generator=gen).repeat_interleave(FRAMES, dim=0)
+    text = text_per_frame(torch.randn(batch, 7, 32, generator=gen), FRAMES)
     with torch.no_grad():
         return unet(x, torch.tensor(t), text).sample
 

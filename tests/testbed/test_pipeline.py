@@ -38,6 +38,20 @@ def test_saved_pipeline_loads_and_generates_deterministically(saved):
     assert not np.array_equal(first, generate(pipe, seed=1))
 
 
+@pytest.mark.parametrize("folder", ["saved", "shipped"])
+def test_the_tokenizer_is_saved_under_a_class_name_transformers_4_and_5_load(saved, folder):
+    """transformers 5 writes ``TokenizersBackend``, which transformers 4 (the oldest the project declares) lacks."""
+    import json
+
+    from tokenmerge.testbed.pipeline import WEIGHTS_DIR
+
+    path = saved if folder == "saved" else WEIGHTS_DIR
+    index = json.loads((path / "model_index.json").read_text())
+    config = json.loads((path / "tokenizer" / "tokenizer_config.json").read_text())
+    assert index["tokenizer"] == ["transformers", "PreTrainedTokenizerFast"]
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
 @pytest.mark.parametrize("config", [tokenmerge.ToMe(ratio=0.5, seed=0), tokenmerge.ImportanceMerge(seed=0),
                                     tokenmerge.ReToM(seed=0), tokenmerge.SiTo(seed=0), tokenmerge.ToFu(seed=0)],
                          ids=lambda c: type(c).__name__)

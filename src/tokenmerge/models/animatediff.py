@@ -86,12 +86,11 @@ class AnimateDiffAdapter(UNetAdapter):
         return super().grid(latent_hw, target, num_tokens)
 
     def _example(self, s: ExampleShape) -> tuple[tuple, dict]:
-        """A 5-D latent ``(batch, C, frames, H, W)`` of ``VIDEO_FRAMES`` frames; the text states repeated per frame
-        (``batch * frames`` rows), as ``AnimateDiffPipeline`` passes them."""
+        """A 5-D latent ``(batch, C, frames, H, W)`` of ``VIDEO_FRAMES`` frames; the text states as the installed
+        ``AnimateDiffPipeline`` passes them (:func:`text_per_frame`)."""
         config = self.unet.config
         latent = s.randn(s.batch, config.in_channels, VIDEO_FRAMES, *s.latent)
-        text = s.text(config.cross_attention_dim).repeat_interleave(VIDEO_FRAMES, dim=0)
-        return (latent, torch.tensor(500), text), {}
+        return (latent, torch.tensor(500), text_per_frame(s.text(config.cross_attention_dim), VIDEO_FRAMES)), {}
 
     @staticmethod
     def prediction(output: object) -> torch.Tensor:
@@ -99,6 +98,15 @@ class AnimateDiffAdapter(UNetAdapter):
         eps = output[0] if isinstance(output, (tuple, list)) else output.sample
         batch, channels, frames, height, width = eps.shape
         return eps.transpose(1, 2).reshape(batch * frames, channels, height, width)
+
+
+def text_per_frame(text: torch.Tensor, frames: int) -> torch.Tensor:
+    """Text states ``(videos, L, D)`` as ``UNetMotionModel`` takes them: repeated per frame (``videos * frames``
+    rows) since diffusers 0.31, whose pipeline repeats them; before, the model repeated them itself."""
+    from diffusers import __version__
+
+    before_0_31 = tuple(int(part) for part in __version__.split(".")[:2]) < (0, 31)
+    return text if before_0_31 else text.repeat_interleave(frames, dim=0)
 
 
 class TemporalPatch(BlockPatch):

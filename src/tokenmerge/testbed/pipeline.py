@@ -68,6 +68,17 @@ def build_models(width: int = 64, seed: int = 0):
     return unet, text_encoder, tokenizer, scheduler
 
 
+def portable_tokenizer_class(folder: Path) -> None:
+    """Name the saved tokenizer's class ``PreTrainedTokenizerFast`` in ``model_index.json`` and its config."""
+    import json
+
+    for path, rewrite in ((folder / "model_index.json", lambda d: {**d, "tokenizer": ["transformers",
+                                                                                       "PreTrainedTokenizerFast"]}),
+                          (folder / "tokenizer" / "tokenizer_config.json",
+                           lambda d: {**d, "tokenizer_class": "PreTrainedTokenizerFast"})):
+        path.write_text(json.dumps(rewrite(json.loads(path.read_text())), indent=2, sort_keys=True) + "\n")
+
+
 class TestbedPipeline(DiffusionPipeline):
     """Text-to-image on the testbed's 32x32 scenes, with classifier-free guidance."""
 
@@ -78,6 +89,13 @@ class TestbedPipeline(DiffusionPipeline):
     def __init__(self, unet, text_encoder, tokenizer, scheduler) -> None:
         super().__init__()
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """Saved as ``save_pretrained`` does, with the tokenizer's class written as ``PreTrainedTokenizerFast``:
+        transformers 5 writes ``TokenizersBackend``, its new name for that class, which transformers 4 cannot
+        load; the old name loads in both."""
+        super().save_pretrained(save_directory, **kwargs)
+        portable_tokenizer_class(Path(save_directory))
 
     @property
     def do_classifier_free_guidance(self) -> bool:

@@ -1,0 +1,304 @@
+"""Pipeline conformance: every supported diffusers pipeline, built as diffusers' own fast tests build it (their
+``get_dummy_components``: two-level U-Nets with attention only at the lower level, ``layers_per_block=2``, a
+5-layer CLIP text encoder of width 32), offline (tokenizers built here stand in for ``hf-internal-testing``'s), and
+the real Zero123++ community pipeline. On each, for every registered method:
+
+* ratio 0 is bit-identical to the unpatched pipeline, and so is the output after ``remove()``;
+* at ratio 0.5 the method merges: every plan keeps fewer tokens than its block has, the output moves, and it stays
+  finite; or it raises a ``ValueError`` this table expects (none today);
+* with guidance off, CFG importance raises naming guidance, and a method that needs none still merges.
+
+A new pipeline is one entry in :data:`PIPELINES`; a new method is checked on all of them by
+:data:`tokenmerge.methods.METHODS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from PIL import Image
+
+import tokenmerge
+from tokenmerge import ImportanceMerge, ToMe
+from tokenmerge.methods import METHODS
+from tokenmerge.tools.tiny import _char_tokenizer
+
+from .models.helpers import no_hooks_left
+
+STEPS = 2
+
+
+def image(size: int = 64, seed: int = 3) -> Image.Image:
+    pixels = torch.rand(size, size, 3, generator=torch.Generator().manual_seed(seed))
+    return Image.fromarray((pixels * 255).byte().numpy())
+
+
+def clip_text_encoder(with_projection: bool = False):
+    """diffusers' fast-test CLIP text encoder (5 layers, width 32, vocabulary 1000)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
+                            num_attention_heads=4, num_hidden_layers=5, pad_token_id=1, vocab_size=1000,
+                            projection_dim=32, hidden_act="gelu")
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
+
+
+def fast_test_vae(norm_num_groups: int = 32):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         norm_num_groups=norm_num_groups).eval()
+
+
+def fast_test_unet(**overrides):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    config = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32)
+    return UNet2DConditionModel(**{**config, **overrides}).eval()
+
+
+def ddim():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False)
+
+
+def sd_components(**unet):
+    return dict(unet=fast_test_unet(**unet), scheduler=ddim(), vae=fast_test_vae(), text_encoder=clip_text_encoder(),
+                tokenizer=_char_tokenizer(), safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False)
+
+
+def sd_text2img():
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(**sd_components()), dict(prompt="a painting of a squirrel", guidance_scale=6.0)
+
+
+def sd_img2img():
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    return StableDiffusionImg2ImgPipeline(**sd_components()), dict(
+        prompt="a painting of a squirrel", image=image(), strength=0.75, num_inference_steps=4, guidance_scale=6.0)
+
+
+def sd_inpaint():
+    from diffusers import StableDiffusionInpaintPipeline
+
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    return StableDiffusionInpaintPipeline(**sd_components(in_channels=9)), dict(
+        prompt="a painting of a squirrel", image=image(), mask_image=mask, guidance_scale=6.0)
+
+
+def sd_controlnet():
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    torch.manual_seed(0)
+    controlnet = ControlNetModel(block_out_channels=(32, 64), layers_per_block=2, in_channels=4,
+                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=32,
+                                 conditioning_embedding_out_channels=(16, 32)).eval()
+    return StableDiffusionControlNetPipeline(**sd_components(), controlnet=controlnet), dict(
+        prompt="a painting of a squirrel", image=image(), guidance_scale=6.0)
+
+
+def sd_pag():
+    from diffusers import StableDiffusionPAGPipeline
+
+    return StableDiffusionPAGPipeline(**sd_components(), pag_applied_layers=["mid"]), dict(
+        prompt="a painting of a squirrel", guidance_scale=6.0, pag_scale=3.0)
+
+
+def instruct_pix2pix():
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    return StableDiffusionInstructPix2PixPipeline(**sd_components(in_channels=8)), dict(
+        prompt="turn it into a squirrel", image=image(), guidance_scale=6.0, image_guidance_scale=1.5)
+
+
+def sdxl():
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    unet = fast_test_unet(attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+                          addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                          projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=1)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                                       beta_schedule="scaled_linear", timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(
+        unet=unet, scheduler=scheduler, vae=fast_test_vae(), text_encoder=clip_text_encoder(),
+        tokenizer=_char_tokenizer(), text_encoder_2=clip_text_encoder(with_projection=True),
+        tokenizer_2=_char_tokenizer())
+    return pipe, dict(prompt="a painting of a squirrel", guidance_scale=5.0)
+
+
+def lcm():
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    components = sd_components(time_cond_proj_dim=256, norm_num_groups=2)
+    components["scheduler"] = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                           clip_sample=False, set_alpha_to_one=False)
+    return LatentConsistencyModelPipeline(**components), dict(prompt="a painting of a squirrel", guidance_scale=6.0)
+
+
+def animatediff():
+    from diffusers import AnimateDiffPipeline, MotionAdapter
+
+    unet = fast_test_unet(norm_num_groups=2)
+    torch.manual_seed(0)
+    motion = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2, motion_norm_num_groups=2,
+                           motion_num_attention_heads=4)
+    components = sd_components()
+    for unused in ("safety_checker", "requires_safety_checker"):
+        components.pop(unused)
+    components.update(unet=unet, motion_adapter=motion)
+    return AnimateDiffPipeline(**components), dict(prompt="a squirrel running", num_frames=4, guidance_scale=7.5)
+
+
+def t5_parts():
+    """A 2-layer T5 encoder of width 32 and a word-level tokenizer (``hf-internal-testing/tiny-random-t5``'s part)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = ["<pad>", "</s>", "<unk>", "a", "painting", "of", "squirrel"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    torch.manual_seed(0)
+    encoder = T5EncoderModel(T5Config(vocab_size=32, d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4))
+    return dict(text_encoder=encoder.eval(), tokenizer=PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"))
+
+
+def pixart():
+    from diffusers import AutoencoderKL, DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8, num_layers=4, patch_size=2, attention_head_dim=8, num_attention_heads=3, caption_channels=32,
+        in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6).eval()
+    torch.manual_seed(0)
+    pipe = PixArtAlphaPipeline(transformer=transformer, vae=AutoencoderKL().eval(), scheduler=DDIMScheduler(),
+                               **t5_parts())
+    return pipe, dict(prompt="a painting of a squirrel", guidance_scale=5.0, height=16, width=16,
+                      use_resolution_binning=False, max_sequence_length=16, clean_caption=False)
+
+
+def dit():
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
+        out_channels=8, attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+        norm_type="ada_norm_zero", norm_elementwise_affine=False).eval()
+    torch.manual_seed(0)
+    return DiTPipeline(transformer=transformer, vae=AutoencoderKL().eval(), scheduler=DDIMScheduler()), dict(
+        class_labels=[1], guidance_scale=4.0)
+
+
+def zero123pp():
+    from .models.test_zero123pp_pipeline import HEIGHT, VIEW_PX, WIDTH, build_pipeline
+
+    return build_pipeline(), dict(image=image(VIEW_PX), height=HEIGHT, width=WIDTH, guidance_scale=4.0)
+
+
+@dataclass(frozen=True)
+class Case:
+    build: Callable[[], tuple]
+    #: Methods that refuse this pipeline with a ValueError, and a phrase of the message.
+    refuses: dict[str, str] = field(default_factory=dict)
+    #: Whether the pipeline batches classifier-free guidance (it has a guidance-off path to test).
+    guides: bool = True
+
+
+PIPELINES = {
+    "sd": Case(sd_text2img), "sd-img2img": Case(sd_img2img), "sd-inpaint": Case(sd_inpaint),
+    "sd-controlnet": Case(sd_controlnet), "sd-pag": Case(sd_pag), "instruct-pix2pix": Case(instruct_pix2pix),
+    "sdxl": Case(sdxl), "lcm": Case(lcm, guides=False), "animatediff": Case(animatediff), "pixart": Case(pixart),
+    "dit": Case(dit), "zero123pp": Case(zero123pp),
+}
+
+
+class Built:
+    """A pipeline, its call, and its unpatched output (computed once)."""
+
+    def __init__(self, case: Case) -> None:
+        self.case = case
+        self.pipe, self.call = case.build()
+        self.pipe.set_progress_bar_config(disable=True)
+        self.unpatched = self.run()
+
+    def run(self, **overrides) -> torch.Tensor:
+        call = {"num_inference_steps": STEPS, "output_type": "pt", **self.call, **overrides}
+        torch.manual_seed(0)  # what draws from the global generator (Zero123++'s reference noise, the VAE's sample)
+        out = self.pipe(**call, generator=torch.Generator().manual_seed(0))
+        return torch.as_tensor(out.frames if hasattr(out, "frames") else out.images)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, "unet", None) or self.pipe.transformer
+
+
+_built: dict[str, Built] = {}
+
+
+@pytest.fixture(params=list(PIPELINES), scope="module")
+def built(request) -> Built:
+    if request.param not in _built:
+        _built.clear()  # one pipeline alive at a time
+        _built[request.param] = Built(PIPELINES[request.param])
+    return _built[request.param]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_ratio_zero_is_bit_identical(built, method):
+    with tokenmerge.patched(built.pipe, METHODS[method](ratio=0.0, seed=0)):
+        assert torch.equal(built.run(), built.unpatched)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_merges_or_refuses_and_remove_restores(built, method):
+    config = METHODS[method](ratio=0.5, seed=0, min_tokens=0)
+    refusal = built.case.refuses.get(method)
+    if refusal is not None:
+        with pytest.raises(ValueError, match=refusal):
+            tokenmerge.apply(built.pipe, config)
+            built.run()
+        tokenmerge.remove(built.pipe)
+    else:
+        events = []
+        with tokenmerge.patched(built.pipe, config, on_plan=events.append):
+            merged = built.run()
+        plans = [e.plan for e in events if e.plan is not None]
+        assert plans, "no block was merged"
+        assert all(plan.kept.shape[1] < plan.assign.shape[1] for plan in plans), "a plan kept every token"
+        assert torch.isfinite(merged).all() and not torch.allclose(merged, built.unpatched, atol=1e-5)
+    assert torch.equal(built.run(), built.unpatched) and no_hooks_left(built.denoiser)
+    assert tokenmerge.current_config(built.pipe) is None
+
+
+def test_guidance_off_refuses_cfg_importance_and_other_methods_merge(built):
+    if not built.case.guides:
+        with pytest.raises(ValueError, match="guidance"):
+            with tokenmerge.patched(built.pipe, ImportanceMerge(ratio=0.5, importance="cfg", seed=0)):
+                built.run()
+        return
+    off = built.run(guidance_scale=1.0)
+    with pytest.raises(ValueError, match="guidance"):
+        with tokenmerge.patched(built.pipe, ImportanceMerge(ratio=0.5, importance="cfg", seed=0)):
+            built.run(guidance_scale=1.0)
+    events = []
+    with tokenmerge.patched(built.pipe, ToMe(ratio=0.5, min_tokens=0), on_plan=events.append):
+        merged = built.run(guidance_scale=1.0)
+    assert events and not torch.allclose(merged, off, atol=1e-5)
+    assert torch.equal(built.run(guidance_scale=1.0), off)
