@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 DEMO_DIR ?= outputs/demo
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-oldest clean
 
 setup: $(VENV)/.installed
 
@@ -24,5 +24,18 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# The oldest versions pyproject declares (.ci/oldest.txt): every model family, every pipeline, the tomesd parity
+# and the shipped testbed, in a venv of their own.
+OLDEST_VENV ?= .venv-oldest
+OLDEST_TESTS ?= tests/models tests/test_pipeline_conformance.py tests/test_family_pipelines.py \
+	tests/test_pipelines.py tests/test_guidance_layouts.py tests/test_tome.py tests/test_api.py tests/testbed
+
+test-oldest:
+	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST_VENV)/bin/python -m pip install -q "$$(grep '^torch==' .ci/oldest.txt)"
+	$(OLDEST_VENV)/bin/python -m pip install -q -c .ci/oldest.txt -e ".[test]"
+	$(OLDEST_VENV)/bin/python -m pytest -q -p no:cacheprovider $(OLDEST_TESTS)
+
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) $(OLDEST_VENV) outputs

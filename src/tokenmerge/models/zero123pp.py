@@ -11,8 +11,7 @@ reference tokens to its keys and values. This adapter:
   the merged view queries attend to the full reference keys/values (the processor concatenates
   ``[merged views; reference]``, the output has the merged length and is unmerged as usual);
 * treats the tiled latent as one grid (the views attend to each other in one self-attention, so matching
-  across views is the model's own grouping); the importance map is the tiled latent's.
-
+  across views is the model's own grouping); the importance map is the tiled latent's;
 * counts steps and reads the prediction on the inner U-Net's views pass (:attr:`call_site`), so the wrapper's own
   draw of the reference noise (``torch.randn_like`` from the global generator) happens before the patch's random
   stream is lent, and draws exactly what it draws unpatched;
