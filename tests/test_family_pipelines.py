@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 import tokenmerge
 from tokenmerge import ImportanceMerge, ToMe
+from tokenmerge.models.animatediff import text_per_frame
 from tokenmerge.tools.tiny import tiny_dit, tiny_lcm_unet, tiny_pipeline, tiny_pixart
 
 from .models.helpers import no_hooks_left
@@ -123,6 +124,12 @@ def test_animatediff(sd):
                                unet=sd["unet"], motion_adapter=adapter,
                                scheduler=DDIMScheduler(beta_schedule="linear", clip_sample=False))
     kwargs = dict(PROMPT, num_frames=4, num_inference_steps=3, guidance_scale=7.5)
+    texts = []  # the text states the pipeline gives its UNetMotionModel: per video or per frame, by diffusers version
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda module, args, kw: texts.append(kw["encoder_hidden_states"].shape), with_kwargs=True)
+    generate(pipe, **kwargs)
+    hook.remove()
+    assert texts[0] == text_per_frame(torch.zeros(2, 77, 32), 4).shape  # what the adapter's example inputs pass
     spatial = ToMe(ratio=0.5, seed=0)
     temporal = ToMe(ratio=0.5, seed=0, temporal_ratio=0.5)
     events = check_merges_and_restores(pipe, [spatial, ImportanceMerge(ratio=0.5, seed=0), temporal], **kwargs)

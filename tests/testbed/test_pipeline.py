@@ -39,9 +39,13 @@ def test_saved_pipeline_loads_and_generates_deterministically(saved):
 
 
 @pytest.mark.parametrize("folder", ["saved", "shipped"])
-def test_the_tokenizer_is_saved_under_a_class_name_transformers_4_and_5_load(saved, folder):
-    """transformers 5 writes ``TokenizersBackend``, which transformers 4 (the oldest the project declares) lacks."""
+def test_the_testbed_is_saved_in_the_form_transformers_4_and_5_load(saved, folder):
+    """transformers 5 writes the tokenizer class as ``TokenizersBackend``, which transformers 4 (the oldest the
+    project declares) lacks, and drops the text encoder's ``text_model.`` weight prefix, without which transformers
+    4 initialises every weight at random (and says so only in a log line)."""
     import json
+
+    from safetensors import safe_open
 
     from tokenmerge.testbed.pipeline import WEIGHTS_DIR
 
@@ -50,6 +54,8 @@ def test_the_tokenizer_is_saved_under_a_class_name_transformers_4_and_5_load(sav
     config = json.loads((path / "tokenizer" / "tokenizer_config.json").read_text())
     assert index["tokenizer"] == ["transformers", "PreTrainedTokenizerFast"]
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    with safe_open(path / "text_encoder" / "model.safetensors", "pt") as weights:
+        assert all(key.startswith("text_model.") for key in weights.keys())
 
 
 @pytest.mark.parametrize("config", [tokenmerge.ToMe(ratio=0.5, seed=0), tokenmerge.ImportanceMerge(seed=0),

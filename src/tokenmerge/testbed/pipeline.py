@@ -68,15 +68,25 @@ def build_models(width: int = 64, seed: int = 0):
     return unet, text_encoder, tokenizer, scheduler
 
 
-def portable_tokenizer_class(folder: Path) -> None:
-    """Name the saved tokenizer's class ``PreTrainedTokenizerFast`` in ``model_index.json`` and its config."""
+def make_portable(folder: Path) -> None:
+    """Rewrite what transformers 5 saves in a form transformers 4 (the oldest the project declares) loads too: the
+    tokenizer's class as ``PreTrainedTokenizerFast`` (5 writes ``TokenizersBackend``, its new name for that class),
+    and the text encoder's weights under their ``text_model.`` prefix (5 drops it; 4 would then leave every weight
+    randomly initialised). Both forms load in transformers 5."""
     import json
+
+    from safetensors.torch import load_file, save_file
 
     for path, rewrite in ((folder / "model_index.json", lambda d: {**d, "tokenizer": ["transformers",
                                                                                        "PreTrainedTokenizerFast"]}),
                           (folder / "tokenizer" / "tokenizer_config.json",
                            lambda d: {**d, "tokenizer_class": "PreTrainedTokenizerFast"})):
         path.write_text(json.dumps(rewrite(json.loads(path.read_text())), indent=2, sort_keys=True) + "\n")
+    weights = folder / "text_encoder" / "model.safetensors"
+    state = load_file(weights)
+    if not all(key.startswith("text_model.") for key in state):
+        save_file({key if key.startswith("text_model.") else f"text_model.{key}": value for key, value in state.items()},
+                  weights, metadata={"format": "pt"})
 
 
 class TestbedPipeline(DiffusionPipeline):
@@ -91,11 +101,9 @@ class TestbedPipeline(DiffusionPipeline):
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
-        """Saved as ``save_pretrained`` does, with the tokenizer's class written as ``PreTrainedTokenizerFast``:
-        transformers 5 writes ``TokenizersBackend``, its new name for that class, which transformers 4 cannot
-        load; the old name loads in both."""
+        """Saved as ``save_pretrained`` does, then made loadable by transformers 4 too (:func:`make_portable`)."""
         super().save_pretrained(save_directory, **kwargs)
-        portable_tokenizer_class(Path(save_directory))
+        make_portable(Path(save_directory))
 
     @property
     def do_classifier_free_guidance(self) -> bool:
