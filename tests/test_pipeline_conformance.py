@@ -206,6 +206,46 @@ def dit():
         class_labels=[1], guidance_scale=4.0)
 
 
+def sd3_components():
+    """diffusers' SD3 fast-test components: two CLIP encoders with projections, a T5, a one-level VAE."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4).eval()
+    torch.manual_seed(0)
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035).eval()
+    t5 = t5_parts()
+    return dict(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+                text_encoder=clip_text_encoder(with_projection=True), tokenizer=_char_tokenizer(),
+                text_encoder_2=clip_text_encoder(with_projection=True), tokenizer_2=_char_tokenizer(),
+                text_encoder_3=t5["text_encoder"], tokenizer_3=t5["tokenizer"])
+
+
+SD3_CALL = dict(prompt="a painting of a squirrel", height=32, width=32, guidance_scale=5.0, max_sequence_length=16)
+
+
+def sd3():
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(**sd3_components()), dict(SD3_CALL)
+
+
+def sd3_controlnet():
+    from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline
+
+    torch.manual_seed(0)
+    controlnet = SD3ControlNetModel(
+        sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64, out_channels=4).eval()
+    control = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    return StableDiffusion3ControlNetPipeline(**sd3_components(), controlnet=controlnet), dict(
+        SD3_CALL, control_image=control, controlnet_conditioning_scale=1.0)
+
+
 def zero123pp():
     from .models.test_zero123pp_pipeline import HEIGHT, VIEW_PX, WIDTH, build_pipeline
 
@@ -225,7 +265,7 @@ PIPELINES = {
     "sd": Case(sd_text2img), "sd-img2img": Case(sd_img2img), "sd-inpaint": Case(sd_inpaint),
     "sd-controlnet": Case(sd_controlnet), "sd-pag": Case(sd_pag), "instruct-pix2pix": Case(instruct_pix2pix),
     "sdxl": Case(sdxl), "lcm": Case(lcm, guides=False), "animatediff": Case(animatediff), "pixart": Case(pixart),
-    "dit": Case(dit), "zero123pp": Case(zero123pp),
+    "dit": Case(dit), "zero123pp": Case(zero123pp), "sd3": Case(sd3), "sd3-controlnet": Case(sd3_controlnet),
 }
 
 
@@ -246,7 +286,8 @@ class Built:
 
     @property
     def denoiser(self) -> torch.nn.Module:
-        return getattr(self.pipe, "unet", None) or self.pipe.transformer
+        unet = getattr(self.pipe, "unet", None)
+        return unet if unet is not None else self.pipe.transformer
 
 
 _built: dict[str, Built] = {}

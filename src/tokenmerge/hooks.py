@@ -206,7 +206,17 @@ class BlockPatch:
     def _merge_self_attention(self, signature, module, args, kwargs):
         self.channel_bias = None
         self.queries_kept = False
-        if self.plan is None or signature.read(args, kwargs, "encoder_hidden_states") is not None:
+        if self.plan is None:
+            return None
+        if signature.read(args, kwargs, "encoder_hidden_states") is not None:  # joint: the image part is merged
+            config = self.state.config
+            if config.proportional_attention or not config.merge_queries:
+                raise ValueError(
+                    f"tokenmerge: {self.target.name}'s attention is joint (image and text tokens in one softmax, "
+                    f"{type(module.processor).__name__}): proportional_attention={config.proportional_attention} "
+                    f"and merge_queries={config.merge_queries} cannot pass through it; use "
+                    "proportional_attention=False and merge_queries=True"
+                )
             return self._merge(signature, module, args, kwargs)
         args, kwargs, self.channel_bias = attention.self_attention_arguments(
             module, signature, args, kwargs, self.plan, self.state.config)
@@ -234,6 +244,8 @@ class BlockPatch:
         return None
 
     def _unmerge(self, module, args, output):
-        if self.plan is not None:
-            return self.plan.unmerge(output)
-        return None
+        if self.plan is None:
+            return None
+        if isinstance(output, tuple):  # a joint attention's (image, text): the text was never merged
+            return (self.plan.unmerge(output[0]), *output[1:])
+        return self.plan.unmerge(output)

@@ -20,6 +20,8 @@ animatediff    ImportanceMerge: ``pool=0.8``, pruning in the first 4 of 30 steps
 zero123pp      first two and last two U-Net blocks (``max_downsample=2``); ImportanceMerge: ``pool=0.6``,
                pruning in the first 10 of 50 steps; one key per merged slot (``proportional_attention=False``:
                its reference attention extends the keys inside its own processor)
+sd3            not in the paper: PixArt's placement (middle half) for now, one key per merged slot
+               (``proportional_attention=False``: the joint attention takes no mask); only image tokens merge
 =============  =========================================================================================
 """
 
@@ -43,6 +45,8 @@ PRESETS: dict[str, dict[str, dict[str, object]]] = {
     # Its reference attention appends the reference tokens to the keys inside its processor: one key per slot.
     "zero123pp": {"*": {"max_downsample": 2, "proportional_attention": False},
                   "importance": {"pool": 0.6, "prune_steps": 10 / 50}},
+    # Its joint attention (JointAttnProcessor2_0) takes no attention mask: one key per slot.
+    "sd3": {"*": {"layers": (0.25, 0.75), "proportional_attention": False}},
 }
 
 

@@ -26,16 +26,24 @@ class BlockKind:
         cross_attention: the attribute of the attention from the tokens to the text (queries merged;
             ``importance="crossattn"`` reads its map), or None.
         mlp: the attribute of the feed-forward (merged with ``merge_mlp``), or None.
+        dual_attention: a second attention over the block's own tokens only (SD3.5's ``attn2``), merged with
+            ``merge_attn``, or None.
+
+    A self-attention that is joint (called with the text as ``encoder_hidden_states``, attending ``[image; text]``
+    in one softmax and returning ``(image, text)``: SD3's ``attn``) has only its image tokens merged; the text
+    passes whole.
     """
 
     tokens: str = "hidden_states"
     self_attention: str = "attn1"
     cross_attention: str | None = "attn2"
     mlp: str | None = "ff"
+    dual_attention: str | None = None
 
     def parts(self, merge_attn: bool, merge_crossattn: bool, merge_mlp: bool) -> tuple[str, ...]:
         """The attribute names of the parts to merge around, in call order."""
-        wanted = ((self.self_attention, merge_attn), (self.cross_attention, merge_crossattn), (self.mlp, merge_mlp))
+        wanted = ((self.self_attention, merge_attn), (self.dual_attention, merge_attn),
+                  (self.cross_attention, merge_crossattn), (self.mlp, merge_mlp))
         return tuple(name for name, on in wanted if on and name is not None)
 
 
@@ -54,10 +62,14 @@ def _load_builtins() -> None:
     if _BUILTINS_LOADED:
         return
     _BUILTINS_LOADED = True
-    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
 
     # SD / SDXL / LCM / Zero123++ U-Nets, PixArt, DiT, and AnimateDiff's spatial blocks and motion modules.
     _REGISTRY.setdefault(BasicTransformerBlock, BlockKind())
+    # SD3 / SD3.5: a joint image-text attention, SD3.5's image-only second attention, the image MLP (the text's own
+    # MLP, ff_context, is never merged).
+    _REGISTRY.setdefault(JointTransformerBlock, BlockKind(self_attention="attn", cross_attention=None,
+                                                          dual_attention="attn2"))
 
 
 def kind_of(module: nn.Module) -> BlockKind | None:

@@ -1,0 +1,108 @@
+"""SD3 / SD3.5 (``SD3Transformer2DModel``): image tokens merged inside the joint attention, the text never;
+SD3.5's dual attention; the middle-half placement; CFG pairs sharing plans."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokenmerge
+from tokenmerge import ImportanceMerge, ToMe
+from tokenmerge.tools.tiny import tiny_denoiser
+
+from .kit import FamilyConformance
+
+LATENT = 16  # an 8 x 8 patch grid (patch size 2)
+TEXT = 7
+
+
+def call(model, t=500, seed=0):
+    """A CFG batch as StableDiffusion3Pipeline makes it: the latent twice, [uncond; cond] text, a timestep each."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, LATENT, LATENT, generator=gen).repeat(2, 1, 1, 1)
+    text = torch.randn(2, TEXT, 32, generator=gen)
+    pooled = torch.randn(2, 64, generator=gen)
+    with torch.no_grad():
+        return model(x, encoder_hidden_states=text, pooled_projections=pooled,
+                     timestep=torch.full((2,), float(t))).sample
+
+
+def sd3():
+    return tiny_denoiser("sd3")
+
+
+def sd35():
+    return tiny_denoiser("sd35")
+
+
+class TestSD3(FamilyConformance):
+    build = staticmethod(sd3)
+    call = staticmethod(call)
+    takes_attention_modes = False  # the joint attention takes no mask and computes its image keys itself
+
+
+class TestSD35(FamilyConformance):
+    build = staticmethod(sd35)
+    call = staticmethod(call)
+    takes_attention_modes = False
+
+
+class Recorder:
+    """Wraps a joint attention's processor: records the image and text lengths it is called with and returns."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        image, text = out if isinstance(out, tuple) else (out, None)
+        self.calls.append((hidden_states.shape[1], None if encoder_hidden_states is None else
+                           encoder_hidden_states.shape[1], image.shape[1], None if text is None else text.shape[1]))
+        return out
+
+
+@pytest.mark.parametrize("build", [sd3, sd35], ids=["sd3", "sd3.5"])
+def test_only_image_tokens_are_merged_in_the_middle_half_and_the_text_passes_whole(build):
+    model = build()
+    recorders = {}
+    for i, block in enumerate(model.transformer_blocks):
+        for name in ("attn", "attn2"):
+            attention = getattr(block, name, None)
+            if attention is not None:
+                recorders[i, name] = Recorder(attention.processor)
+                attention.set_processor(recorders[i, name])
+    events = []
+    with tokenmerge.patched(model, ToMe(ratio=0.5, min_tokens=0), on_plan=events.append):
+        call(model)
+    tokens = (LATENT // 2) ** 2
+    kept = tokens - tokens // 2
+    assert {e.block for e in events} == {"transformer_blocks.1", "transformer_blocks.2"}  # blocks 1-2 of 4
+    assert {e.grid for e in events} == {(8, 8)}
+    for (i, name), recorder in recorders.items():
+        image = kept if i in (1, 2) else tokens
+        if name == "attn":  # joint: merged image queries, the whole text, both returned at those lengths
+            assert recorder.calls == [(image, TEXT, image, TEXT)], (i, name)
+        else:  # SD3.5's image-only attention
+            assert recorder.calls == [(image, None, image, None)], (i, name)
+    assert any(name == "attn2" for _, name in recorders) == (build is sd35)
+
+
+def test_cfg_pairs_share_their_plan_and_importance_comes_from_the_guidance_difference():
+    model = sd3()
+    events = []
+    with tokenmerge.patched(model, ImportanceMerge(ratio=0.5, min_tokens=0, seed=0), on_plan=events.append):
+        call(model, t=900)
+        call(model, t=500)
+    later = [e for e in events if e.step == 1]
+    assert later and all(e.importance is not None and e.importance.shape == (1, 64) for e in later)
+    assert all(torch.equal(e.plan.kept[0], e.plan.kept[1]) for e in events)  # uncond and cond: one plan
+
+
+def test_size_aware_keys_and_kv_only_raise_naming_the_joint_attention():
+    model = sd3()
+    for config in (ToMe(proportional_attention=True), ImportanceMerge(merge_queries=False)):
+        with pytest.raises(ValueError, match="JointAttnProcessor2_0"):
+            tokenmerge.apply(model, config)
+    assert tokenmerge.current_config(model) is None
+    with tokenmerge.patched(model, ImportanceMerge(ratio=0.5)):
+        assert tokenmerge.current_config(model).proportional_attention is False  # the family preset
