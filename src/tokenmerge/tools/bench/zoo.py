@@ -29,6 +29,7 @@ MODELS = {
     "lcm": ModelSpec("LCM (SD 1.5)", "lcm_sd15_unet.json", "lcm", (512, 1024)),
     "animatediff": ModelSpec("AnimateDiff (SD 1.5)", "animatediff_sd15_unet.json", "animatediff", (512,)),
     "zero123pp": ModelSpec("Zero123++ (SD 2)", "zero123pp_unet.json", "zero123pp", ((960, 640),)),
+    "sd35m": ModelSpec("SD3.5 Medium", "sd35_medium_transformer.json", "sd35", (1024,)),
 }
 
 TINY_SIZE = 128  # the tiny configs' sample_size (16) x 8
