@@ -58,5 +58,5 @@ def test_placement_applies_to_every_method_and_method_entries_only_to_theirs():
 
 
 def test_unknown_family_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown model family 'sd3'.*pixart"):
-        presets.preset("sd3", ToMe)
+    with pytest.raises(ValueError, match="unknown model family 'kandinsky'.*pixart"):
+        presets.preset("kandinsky", ToMe)
