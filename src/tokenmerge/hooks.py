@@ -141,6 +141,9 @@ class BlockPatch:
 
     def _make_plan(self, module, args, kwargs):
         state = self.state
+        if state.adapter.skips_call():  # a pass left whole (Zero123++'s reference image, SD3's layer-skip call)
+            self.plan = None
+            return
         config = state.config
         x = self.signature.read(args, kwargs, self.target.kind.tokens)
         batch, tokens, channels = x.shape

@@ -3,6 +3,8 @@ SD3.5's dual attention; the middle-half placement; CFG pairs sharing plans."""
 
 from __future__ import annotations
 
+import inspect
+
 import diffusers
 import pytest
 import torch
@@ -113,3 +115,30 @@ def test_size_aware_keys_and_kv_only_raise_naming_the_joint_attention():
     assert tokenmerge.current_config(model) is None
     with tokenmerge.patched(model, ImportanceMerge(ratio=0.5)):
         assert tokenmerge.current_config(model).proportional_attention is False  # the family preset
+
+
+def test_the_skip_layer_guidance_call_is_left_whole_and_not_counted_as_a_step():
+    """SD3.5's skip-layer guidance calls the transformer a second time in a step, on the conditional half only and
+    with ``skip_layers``: it must neither advance the step clock nor break CFG importance (batch 1, no pair)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from tests.test_pipeline_conformance import SD3_CALL, sd3_components
+
+    pipe = StableDiffusion3Pipeline(**sd3_components())
+    pipe.set_progress_bar_config(disable=True)
+    if "skip_guidance_layers" not in inspect.signature(pipe.__call__).parameters:
+        pytest.skip(f"StableDiffusion3Pipeline has no skip-layer guidance in diffusers {diffusers.__version__}")
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs.get("skip_layers")), with_kwargs=True)
+    events = []
+    call = dict(SD3_CALL, num_inference_steps=3, skip_guidance_layers=[1], skip_layer_guidance_start=0.0,
+                skip_layer_guidance_stop=1.0, output_type="latent", generator=torch.Generator().manual_seed(0))
+    with tokenmerge.patched(pipe, ImportanceMerge(ratio=0.5, min_tokens=0, seed=0), on_plan=events.append):
+        merged = pipe(**call).images
+    hook.remove()
+    assert calls == [None, None, [1], None, [1]]  # steps 1 and 2 make the layer-skipping call
+    blocks = {e.block for e in events}
+    assert sorted(e.step for e in events) == sorted(list(range(3)) * len(blocks)), "one plan per block and step"
+    assert all(e.importance is not None for e in events if e.step > 0)
+    assert torch.isfinite(merged).all()

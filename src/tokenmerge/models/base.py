@@ -133,13 +133,14 @@ class Adapter:
         return target.modules(target.kind.parts(config.merge_attn, config.merge_crossattn, config.merge_mlp))
 
     def make_patch(self, state, target: PatchTarget):
-        """The hook set of one target (a family may skip calls, e.g. Zero123++'s reference pass)."""
+        """The hook set of one target (AnimateDiff's motion modules have one of their own)."""
         from ..hooks import BlockPatch
 
         return BlockPatch(state, target)
 
     def skips_call(self) -> bool:
-        """True while the denoiser runs a pass that must not be merged (Zero123++'s reference image)."""
+        """True while the denoiser runs a pass that is neither merged nor counted as a step (Zero123++'s reference
+        image, SD3's layer-skipping guidance call)."""
         return False
 
     def importance_target(self) -> PatchTarget:

@@ -11,12 +11,17 @@ so merged tokens carry their own; ControlNet residuals are added to the block's 
 Keys are one per merged slot: ``JointAttnProcessor2_0`` takes no attention mask (size-aware keys would need one)
 and computes the image keys from ``hidden_states`` (K/V-only would replace the text), so both raise here.
 The pipeline batches CFG ``[uncond; cond]`` (``do_classifier_free_guidance``), so ``importance="cfg"`` applies.
+SD3.5's skip-layer guidance makes a second call in some steps, on the conditional half with ``skip_layers``: that
+call is left whole and is not counted as a step (:meth:`skips_call`), so the step clock, the pruning phase and the
+CFG importance follow the sampler's steps.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
+from ..arguments import Signature
 from .base import ExampleShape
 from .transformer import TransformerAdapter
 
@@ -40,6 +45,22 @@ class SD3Adapter(TransformerAdapter):
                      pooled_projection_dim=64, out_channels=4, pos_embed_max_size=16, qk_norm="rms_norm",
                      dual_attention_layers=(0, 1)),
     }
+
+    def __init__(self, denoiser: nn.Module) -> None:
+        super().__init__(denoiser)
+        self.layer_skipping = False
+
+    def install(self, state) -> None:
+        signature = Signature.of(self.denoiser)
+
+        def before(module, args, kwargs):
+            self.layer_skipping = signature.read(args, kwargs, "skip_layers") is not None
+
+        # Before the denoiser hooks of the same call, which skip the layer-skipping call.
+        state.handles.append(self.denoiser.register_forward_pre_hook(before, with_kwargs=True, prepend=True))
+
+    def skips_call(self) -> bool:
+        return self.layer_skipping
 
     def check(self, config) -> None:
         if config.proportional_attention or not config.merge_queries:

@@ -28,8 +28,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..arguments import Signature
-from ..hooks import BlockPatch
-from .base import ExampleShape, PatchTarget
+from .base import ExampleShape
 from .unet import UNetAdapter
 
 #: The ``cross_attention_kwargs["mode"]`` of the reference pass (Zero123++'s convention).
@@ -100,9 +99,6 @@ class Zero123PlusAdapter(UNetAdapter):
     def skips_call(self) -> bool:
         return self.reference_pass
 
-    def make_patch(self, state, target: PatchTarget):
-        return ReferencePatch(state, target)
-
     def _example(self, s: ExampleShape) -> tuple[tuple, dict]:
         """The six views tiled in one latent (960x640 px natively), CLIP-sized conditioning states, and the reference
         latent of the 320x320 condition image (``cross_attention_kwargs["cond_lat"]``), which the wrapper runs first."""
@@ -121,13 +117,3 @@ def inner_unet(module: nn.Module, depth: int = 3) -> nn.Module | None:
         if module is None or isinstance(module, UNet2DConditionModel):
             return module
     return None
-
-
-class ReferencePatch(BlockPatch):
-    """A U-Net block that is left unmerged while the reference image runs through it."""
-
-    def _make_plan(self, module, args, kwargs):
-        if self.state.adapter.skips_call():
-            self.plan = None
-            return None
-        return super()._make_plan(module, args, kwargs)
