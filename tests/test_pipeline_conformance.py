@@ -5,7 +5,7 @@ the real Zero123++ community pipeline. On each, for every registered method:
 
 * ratio 0 is bit-identical to the unpatched pipeline, and so is the output after ``remove()``;
 * at ratio 0.5 the method merges: every plan keeps fewer tokens than its block has, the output moves, and it stays
-  finite; or it raises a ``ValueError`` this table expects (none today);
+  finite (every method runs on every pipeline here: none refuses one);
 * with guidance off, CFG importance raises naming guidance, and a method that needs none still merges.
 
 A new pipeline is one entry in :data:`PIPELINES`; a new method is checked on all of them by
@@ -15,7 +15,7 @@ A new pipeline is one entry in :data:`PIPELINES`; a new method is checked on all
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -255,8 +255,6 @@ def zero123pp():
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], tuple]
-    #: Methods that refuse this pipeline with a ValueError, and a phrase of the message.
-    refuses: dict[str, str] = field(default_factory=dict)
     #: Whether the pipeline batches classifier-free guidance (it has a guidance-off path to test).
     guides: bool = True
 
@@ -290,15 +288,10 @@ class Built:
         return unet if unet is not None else self.pipe.transformer
 
 
-_built: dict[str, Built] = {}
-
-
 @pytest.fixture(params=list(PIPELINES), scope="module")
 def built(request) -> Built:
-    if request.param not in _built:
-        _built.clear()  # one pipeline alive at a time
-        _built[request.param] = Built(PIPELINES[request.param])
-    return _built[request.param]
+    """Built once per pipeline: pytest groups the tests by it, so one pipeline is alive at a time."""
+    return Built(PIPELINES[request.param])
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -308,22 +301,14 @@ def test_ratio_zero_is_bit_identical(built, method):
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_every_method_merges_or_refuses_and_remove_restores(built, method):
-    config = METHODS[method](ratio=0.5, seed=0, min_tokens=0)
-    refusal = built.case.refuses.get(method)
-    if refusal is not None:
-        with pytest.raises(ValueError, match=refusal):
-            tokenmerge.apply(built.pipe, config)
-            built.run()
-        tokenmerge.remove(built.pipe)
-    else:
-        events = []
-        with tokenmerge.patched(built.pipe, config, on_plan=events.append):
-            merged = built.run()
-        plans = [e.plan for e in events if e.plan is not None]
-        assert plans, "no block was merged"
-        assert all(plan.kept.shape[1] < plan.assign.shape[1] for plan in plans), "a plan kept every token"
-        assert torch.isfinite(merged).all() and not torch.allclose(merged, built.unpatched, atol=1e-5)
+def test_every_method_merges_and_remove_restores(built, method):
+    events = []
+    with tokenmerge.patched(built.pipe, METHODS[method](ratio=0.5, seed=0, min_tokens=0), on_plan=events.append):
+        merged = built.run()
+    plans = [e.plan for e in events if e.plan is not None]
+    assert plans, "no block was merged"
+    assert all(plan.kept.shape[1] < plan.assign.shape[1] for plan in plans), "a plan kept every token"
+    assert torch.isfinite(merged).all() and not torch.allclose(merged, built.unpatched, atol=1e-5)
     assert torch.equal(built.run(), built.unpatched) and no_hooks_left(built.denoiser)
     assert tokenmerge.current_config(built.pipe) is None
 
