@@ -34,17 +34,13 @@ def test_an_unknown_argument_is_an_error_not_a_silent_keyword():
 
 
 class GridOf8x8:
-    """The adapter facts a block patch asks for: its grid, and that no pass is left whole."""
+    """The adapter fact a block patch asks for: its grid."""
 
     cond_first = False
 
     @staticmethod
     def grid(latent_hw, target, num_tokens):
         return 8, 8
-
-    @staticmethod
-    def skips_call():
-        return False
 
 
 def test_a_block_called_by_keyword_merges_as_one_called_positionally():

@@ -16,8 +16,6 @@ from diffusers import (
     PixArtAlphaPipeline,
     PixArtSigmaPipeline,
 )
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 import tokenmerge
 from tokenmerge import ImportanceMerge, ToMe
@@ -26,6 +24,7 @@ from tokenmerge.tools.tiny import tiny_dit, tiny_lcm_unet, tiny_pipeline, tiny_p
 
 from .models.helpers import no_hooks_left
 from .test_hooks import HostSyncs
+from .text_encoders import t5_parts
 
 PROMPT = dict(prompt="a red circle", height=64, width=64, output_type="latent")
 
@@ -34,17 +33,6 @@ PROMPT = dict(prompt="a red circle", height=64, width=64, output_type="latent")
 def sd():
     """VAE, CLIP text encoder and tokenizer, and an SD 1.x U-Net: the tiny SD pipeline's parts."""
     return tiny_pipeline("sd1").components
-
-
-def t5_parts():
-    """A 2-layer T5 encoder of PixArt's tiny caption width (32) and a word-level tokenizer: no download."""
-    words = ["<pad>", "</s>", "<unk>", "a", "red", "circle"]
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    torch.manual_seed(0)
-    encoder = T5EncoderModel(T5Config(vocab_size=8, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4))
-    return dict(text_encoder=encoder.eval(), tokenizer=PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"))
 
 
 def generate(pipe, **kwargs) -> torch.Tensor:

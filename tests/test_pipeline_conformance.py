@@ -27,6 +27,7 @@ from tokenmerge.methods import METHODS
 from tokenmerge.tools.tiny import _char_tokenizer
 
 from .models.helpers import no_hooks_left
+from .text_encoders import clip_text_encoder, t5_parts
 
 STEPS = 2
 
@@ -34,17 +35,6 @@ STEPS = 2
 def image(size: int = 64, seed: int = 3) -> Image.Image:
     pixels = torch.rand(size, size, 3, generator=torch.Generator().manual_seed(seed))
     return Image.fromarray((pixels * 255).byte().numpy())
-
-
-def clip_text_encoder(with_projection: bool = False):
-    """diffusers' fast-test CLIP text encoder (5 layers, width 32, vocabulary 1000)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(0)
-    config = CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
-                            num_attention_heads=4, num_hidden_layers=5, pad_token_id=1, vocab_size=1000,
-                            projection_dim=32, hidden_act="gelu")
-    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
 
 
 def fast_test_vae(norm_num_groups: int = 32):
@@ -162,20 +152,6 @@ def animatediff():
         components.pop(unused)
     components.update(unet=unet, motion_adapter=motion)
     return AnimateDiffPipeline(**components), dict(prompt="a squirrel running", num_frames=4, guidance_scale=7.5)
-
-
-def t5_parts():
-    """A 2-layer T5 encoder of width 32 and a word-level tokenizer (``hf-internal-testing/tiny-random-t5``'s part)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
-
-    words = ["<pad>", "</s>", "<unk>", "a", "painting", "of", "squirrel"]
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    torch.manual_seed(0)
-    encoder = T5EncoderModel(T5Config(vocab_size=32, d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4))
-    return dict(text_encoder=encoder.eval(), tokenizer=PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"))
 
 
 def pixart():

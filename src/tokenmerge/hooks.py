@@ -70,11 +70,12 @@ def install_denoiser_hooks(state: PatchState) -> None:
 
     @torch.compiler.disable
     def before(module, args, kwargs):
-        if not adapter.skips_call():
+        state.skipping = adapter.skips_call(lambda name: signature.read(args, kwargs, name))
+        if not state.skipping:
             state.begin_call(signature.read(args, kwargs, latent), signature.read(args, kwargs, timestep))
 
     def after(module, args, output):
-        if not adapter.skips_call():
+        if not state.skipping:
             state.end_call(output)
 
     @torch.compiler.disable
@@ -141,7 +142,7 @@ class BlockPatch:
 
     def _make_plan(self, module, args, kwargs):
         state = self.state
-        if state.adapter.skips_call():  # a pass left whole (Zero123++'s reference image, SD3's layer-skip call)
+        if state.skipping:  # a pass left whole (Zero123++'s reference image, SD3's layer-skip call)
             self.plan = None
             return
         config = state.config

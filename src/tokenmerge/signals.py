@@ -68,7 +68,7 @@ def install_crossattn_importance(state, adapter) -> None:
     signature = Signature.of(attn)
 
     def before_attn2(module, args, kwargs):
-        if adapter.skips_call():
+        if state.skipping:
             return
         hidden = signature.read(args, kwargs, "hidden_states")
         context = signature.read(args, kwargs, "encoder_hidden_states")

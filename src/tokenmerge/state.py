@@ -144,6 +144,7 @@ class PatchState:
         self.on_plan = on_plan
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.latent_hw: tuple[int, int] | None = None
+        self.skipping = False  # this call is a pass left whole and uncounted (Adapter.skips_call)
         self.guided: GuidedBatch | None = None  # this call's guidance layout (None: every row its own image)
         self.expected_layout: GuidedBatch | None = None  # the layout the pipeline says it runs, for the error
         self.prune_phase = False

@@ -138,9 +138,9 @@ class Adapter:
 
         return BlockPatch(state, target)
 
-    def skips_call(self) -> bool:
-        """True while the denoiser runs a pass that is neither merged nor counted as a step (Zero123++'s reference
-        image, SD3's layer-skipping guidance call)."""
+    def skips_call(self, read: Callable[[str], object]) -> bool:
+        """True for a call of :attr:`call_site` that is neither merged nor counted as a step (Zero123++'s reference
+        image, SD3's layer-skipping guidance call); ``read(name)`` is the call's argument ``name`` (or None)."""
         return False
 
     def importance_target(self) -> PatchTarget:

@@ -19,9 +19,6 @@ CFG importance follow the sampler's steps.
 from __future__ import annotations
 
 import torch
-from torch import nn
-
-from ..arguments import Signature
 from .base import ExampleShape
 from .transformer import TransformerAdapter
 
@@ -46,21 +43,8 @@ class SD3Adapter(TransformerAdapter):
                      dual_attention_layers=(0, 1)),
     }
 
-    def __init__(self, denoiser: nn.Module) -> None:
-        super().__init__(denoiser)
-        self.layer_skipping = False
-
-    def install(self, state) -> None:
-        signature = Signature.of(self.denoiser)
-
-        def before(module, args, kwargs):
-            self.layer_skipping = signature.read(args, kwargs, "skip_layers") is not None
-
-        # Before the denoiser hooks of the same call, which skip the layer-skipping call.
-        state.handles.append(self.denoiser.register_forward_pre_hook(before, with_kwargs=True, prepend=True))
-
-    def skips_call(self) -> bool:
-        return self.layer_skipping
+    def skips_call(self, read) -> bool:
+        return read("skip_layers") is not None
 
     def check(self, config) -> None:
         if config.proportional_attention or not config.merge_queries:

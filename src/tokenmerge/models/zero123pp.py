@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..arguments import Signature
 from .base import ExampleShape
 from .unet import UNetAdapter
 
@@ -55,7 +54,6 @@ class Zero123PlusAdapter(UNetAdapter):
         super().__init__(inner_unet(denoiser))
         self.denoiser = denoiser
         self.family = "zero123pp"
-        self.reference_pass = False
 
     @staticmethod
     def handles(denoiser: nn.Module) -> bool:
@@ -76,14 +74,7 @@ class Zero123PlusAdapter(UNetAdapter):
         return self.unet
 
     def install(self, state) -> None:
-        signature = Signature.of(self.unet)
-
-        def before_unet(module, args, kwargs):
-            options = signature.read(args, kwargs, "cross_attention_kwargs") or {}
-            self.reference_pass = options.get("mode") == REFERENCE_MODE
-
-        # Before the denoiser hooks of the same call site, which skip the reference pass.
-        state.handles.append(self.unet.register_forward_pre_hook(before_unet, with_kwargs=True, prepend=True))
+        """Nothing of the plain U-Net's: the wrapper's reference pass is expected here, and left whole."""
 
     def check(self, config) -> None:
         if config.proportional_attention or not config.merge_queries:
@@ -96,8 +87,8 @@ class Zero123PlusAdapter(UNetAdapter):
             )
         super().check(config)
 
-    def skips_call(self) -> bool:
-        return self.reference_pass
+    def skips_call(self, read) -> bool:
+        return (read("cross_attention_kwargs") or {}).get("mode") == REFERENCE_MODE
 
     def _example(self, s: ExampleShape) -> tuple[tuple, dict]:
         """The six views tiled in one latent (960x640 px natively), CLIP-sized conditioning states, and the reference
