@@ -34,6 +34,11 @@ class Signature:
                    frozenset(p.name for p in parameters),
                    any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters))
 
+    @property
+    def first(self) -> str:
+        """The first positional argument: the tokens, for an attention, an MLP or a linear layer."""
+        return min(self.positions, key=self.positions.get)
+
     def read(self, args: tuple, kwargs: dict, name: str, default: object = None) -> object:
         """The argument ``name`` of a call (``default`` when it was not passed)."""
         index = self.positions.get(name)

@@ -37,6 +37,7 @@ from .arguments import Signature
 from .methods.base import PlanContext
 from .models.base import PatchTarget
 from .plan import DEVICE_RNG, MergePlan
+from .rotary import Rotation
 from .state import PatchState, PlanEvent
 
 #: The skipped-block warning has a logger of its own (under ``tokenmerge``), so it can be silenced alone.
@@ -70,9 +71,13 @@ def install_denoiser_hooks(state: PatchState) -> None:
 
     @torch.compiler.disable
     def before(module, args, kwargs):
-        state.skipping = adapter.skips_call(lambda name: signature.read(args, kwargs, name))
+        def read(name):
+            return signature.read(args, kwargs, name)
+
+        state.skipping = adapter.skips_call(read)
         if not state.skipping:
-            state.begin_call(signature.read(args, kwargs, latent), signature.read(args, kwargs, timestep))
+            sample = read(latent)
+            state.begin_call(sample, read(timestep), adapter.latent_size(sample, read))
 
     def after(module, args, output):
         if not state.skipping:
@@ -96,28 +101,55 @@ class BlockPatch:
         self.plan: MergePlan | None = None
         self.channel_bias: attention.ChannelBias | None = None  # bias_via="channel", during a merged attention call
         self.queries_kept = False  # merge_queries=False, during a merged attention call
+        self.rotation: Rotation | None = None  # the kept tokens' rotary rows, during a merged attention call (FLUX)
+        self.text_len = 0  # text rows before the image tokens in what the parts see (BlockKind.text_first)
         self.signature = Signature.of(target.block)  # where the block's call puts its tokens (target.kind.tokens)
 
     def install(self, submodules: list[torch.nn.Module]) -> None:
         block = self.target.block
+        kind = self.target.kind
         handles = self.state.handles
         config = self.state.config
         # A Python callback per plan (on_plan, for inspection) is left out of compiled graphs: that hook runs eagerly.
         make_plan = self._make_plan if self.state.on_plan is None else torch.compiler.disable(self._make_plan)
         handles.append(block.register_forward_pre_hook(make_plan, with_kwargs=True))
         handles.append(block.register_forward_hook(self._drop_plan))
+        attention, mlp = self.target.part(kind.self_attention), self.target.part(kind.mlp)
+        # FLUX's single stream: attention and MLP outputs stay merged into proj_out, whose output is unmerged.
+        fused = kind.fused_out is not None and any(m is attention for m in submodules) and any(
+            m is mlp for m in submodules)
         for module in submodules:
             signature = Signature.of(module)
-            if not is_self_attention(module):
+            if module is attention and kind.rotary is not None:
+                handles.append(module.register_forward_pre_hook(
+                    functools.partial(self._merge_rotated, signature), with_kwargs=True))
+                handles.append(module.register_forward_hook(functools.partial(self._after_rotated, not fused)))
+                self._install_rotation(module)
+            elif not is_self_attention(module):
                 handles.append(module.register_forward_pre_hook(functools.partial(self._merge, signature),
                                                                 with_kwargs=True))
-                handles.append(module.register_forward_hook(self._unmerge))
+                if not (fused and module is mlp):
+                    handles.append(module.register_forward_hook(self._unmerge))
+            else:
+                handles.append(module.register_forward_pre_hook(
+                    functools.partial(self._merge_self_attention, signature), with_kwargs=True))
+                handles.append(module.register_forward_hook(self._unmerge_self_attention))
+                if config.proportional_attention and config.bias_via == "channel":
+                    self._install_bias_channel(module)
+        if fused:
+            handles.append(self.target.part(kind.fused_out).register_forward_hook(self._unmerge))
+
+    def _install_rotation(self, attn: torch.nn.Module) -> None:
+        """A merged call's rotary positions, applied at the q/k norms' outputs (:mod:`tokenmerge.rotary`)."""
+        for name, text_only in (("norm_q", False), ("norm_k", False), ("norm_added_q", True), ("norm_added_k", True)):
+            norm = getattr(attn, name, None)
+            if norm is None:
                 continue
-            handles.append(module.register_forward_pre_hook(
-                functools.partial(self._merge_self_attention, signature), with_kwargs=True))
-            handles.append(module.register_forward_hook(self._unmerge_self_attention))
-            if config.proportional_attention and config.bias_via == "channel":
-                self._install_bias_channel(module)
+
+            def rotate(module, args, output, text_only=text_only):
+                return None if self.rotation is None else self.rotation.apply(output, text_only)
+
+            self.state.handles.append(norm.register_forward_hook(rotate))
 
     def _install_bias_channel(self, attn: torch.nn.Module) -> None:
         """``bias_via="channel"``: the projections of ``attn`` carry the size bias while a merged call runs."""
@@ -142,6 +174,8 @@ class BlockPatch:
 
     def _make_plan(self, module, args, kwargs):
         state = self.state
+        text_first = self.target.kind.text_first
+        self.text_len = self.signature.read(args, kwargs, text_first).shape[1] if text_first is not None else 0
         if state.skipping:  # a pass left whole (Zero123++'s reference image, SD3's layer-skip call)
             self.plan = None
             return
@@ -243,13 +277,48 @@ class BlockPatch:
                     "resizes each mask to the query count as if the queries were a grid, so on merged queries the "
                     "mask would not line up with the tokens. Use merge_crossattn=False (the default) with masks."
                 )
-            return signature.replace(args, kwargs, "hidden_states",
-                                     self.plan.merge(signature.read(args, kwargs, "hidden_states")))
+            name = signature.first
+            return signature.replace(args, kwargs, name, self._merge_tokens(signature.read(args, kwargs, name)))
         return None
 
     def _unmerge(self, module, args, output):
         if self.plan is None:
             return None
         if isinstance(output, tuple):  # a joint attention's (image, text): the text was never merged
-            return (self.plan.unmerge(output[0]), *output[1:])
-        return self.plan.unmerge(output)
+            return (self._unmerge_tokens(output[0]), *output[1:])
+        return self._unmerge_tokens(output)
+
+    def _merge_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The plan's merge of the image tokens; text rows in front (``text_len``) pass whole."""
+        if not self.text_len:
+            return self.plan.merge(x)
+        return torch.cat([x[:, : self.text_len], self.plan.merge(x[:, self.text_len:])], dim=1)
+
+    def _unmerge_tokens(self, y: torch.Tensor) -> torch.Tensor:
+        if not self.text_len:
+            return self.plan.unmerge(y)
+        return torch.cat([y[:, : self.text_len], self.plan.unmerge(y[:, self.text_len:])], dim=1)
+
+    def _merge_rotated(self, signature, module, args, kwargs):
+        """An attention with rotary positions (FLUX): image tokens merged, the kept tokens' rows rotate them."""
+        self.rotation = None
+        if self.plan is None:
+            return None
+        if kwargs.get("ip_hidden_states") is not None:
+            raise ValueError(
+                f"tokenmerge: {self.target.name}'s attention runs an IP-Adapter, which reads the image queries before "
+                "their rotation, where merging rotates them: keep attention whole (merge_attn=False) with an "
+                "IP-Adapter on FLUX, or unload it (pipe.unload_ip_adapter())"
+            )
+        rotary = self.target.kind.rotary
+        freqs = signature.read(args, kwargs, rotary)
+        context = signature.read(args, kwargs, "encoder_hidden_states")
+        args, kwargs = self._merge(signature, module, args, kwargs)
+        if freqs is not None:
+            self.rotation = Rotation.of_kept(freqs, self.plan, context.shape[1] if context is not None else self.text_len)
+            args, kwargs = signature.replace(args, kwargs, rotary, None)
+        return args, kwargs
+
+    def _after_rotated(self, unmerge: bool, module, args, output):
+        self.rotation = None
+        return self._unmerge(module, args, output) if unmerge else None

@@ -22,6 +22,8 @@ zero123pp      first two and last two U-Net blocks (``max_downsample=2``); Impor
                its reference attention extends the keys inside its own processor)
 sd3            not in the paper: PixArt's placement (middle half) for now, one key per merged slot
                (``proportional_attention=False``: the joint attention takes no mask); only image tokens merge
+flux           not in the paper: the middle half of the 57 blocks (both streams) for now, one key per merged slot;
+               ImportanceMerge: ``importance="crossattn"`` from the joint attention (guidance-distilled: no CFG batch)
 =============  =========================================================================================
 """
 
@@ -47,6 +49,8 @@ PRESETS: dict[str, dict[str, dict[str, object]]] = {
                   "importance": {"pool": 0.6, "prune_steps": 10 / 50}},
     # Its joint attention (JointAttnProcessor2_0) takes no attention mask: one key per slot.
     "sd3": {"*": {"layers": (0.25, 0.75), "proportional_attention": False}},
+    # Joint attention too (FluxAttnProcessor); no CFG batch: importance from the joint attention's text share.
+    "flux": {"*": {"layers": (0.25, 0.75), "proportional_attention": False}, "importance": {"importance": "crossattn"}},
 }
 
 

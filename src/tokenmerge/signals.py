@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import torch
 
+import torch.nn.functional as F
+
 from .arguments import Signature
+from .rotary import rotate
 
 #: Query rows per chunk of the ``N x T`` score matrix (bounds memory at high resolution).
 CHUNK_ELEMENTS = 1 << 24
@@ -61,10 +64,37 @@ def crossattn_map(attn, hidden_states: torch.Tensor, context: torch.Tensor,
     return torch.cat(out, dim=1)
 
 
+def joint_text_map(attn, hidden_states: torch.Tensor, context: torch.Tensor, rotary: object) -> torch.Tensor:
+    """``(B, N)``: per image token, the head-averaged attention mass on the text keys in a joint attention's one
+    softmax over ``[text; image]`` (FLUX's double-stream ``FluxAttention``), with the call's rotary rows.
+
+    The joint softmax's share of the text plays the part of the U-Net's cross-attention map: it needs no start
+    token to leave out (T5 has none), and one SDPA call over values that mark the text keys gives it without an
+    ``N x (T + N)`` score matrix.
+    """
+    def heads(y):
+        return y.unflatten(-1, (attn.heads, -1))
+
+    text = context.shape[1]
+    query = attn.norm_q(heads(attn.to_q(hidden_states)))
+    key = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(context))), attn.norm_k(heads(attn.to_k(hidden_states)))],
+                    dim=1)
+    if rotary is not None:
+        cos, sin = (part.to(query.device)[None, :, None] for part in rotary)
+        key = rotate(key, cos, sin)
+        query = rotate(query, cos[:, text:], sin[:, text:])
+    marks = query.new_zeros(query.shape[0], attn.heads, key.shape[1], 8)
+    marks[:, :, :text, 0] = 1
+    mass = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), marks)[..., 0]
+    return mass.float().mean(dim=1)
+
+
 def install_crossattn_importance(state, adapter) -> None:
-    """Hook the final cross-attention block so that each call leaves its map in ``state.importance``."""
+    """Hook the final cross-attention block (a joint attention's, where the family has no cross-attention) so that
+    each call leaves its map in ``state.importance``."""
     target = adapter.importance_target()
-    attn = target.part(target.kind.cross_attention)
+    joint = target.kind.cross_attention is None
+    attn = target.part(target.kind.self_attention if joint else target.kind.cross_attention)
     signature = Signature.of(attn)
 
     def before_attn2(module, args, kwargs):
@@ -76,10 +106,13 @@ def install_crossattn_importance(state, adapter) -> None:
             return
         grid = adapter.grid(state.latent_hw, target, hidden.shape[1])
         with torch.no_grad():
-            scores = crossattn_map(module, hidden, context, signature.read(args, kwargs, "attention_mask"))
+            if joint:
+                scores = joint_text_map(module, hidden, context, signature.read(args, kwargs, target.kind.rotary))
+            else:
+                scores = crossattn_map(module, hidden, context, signature.read(args, kwargs, "attention_mask"))
         if state.guided is not None:
             scores = state.guided.part(scores, state.guided.cond)
         state.importance = scores.view(-1, *grid)
 
-    # Prepended: it sees attn2's input before a merge hook on the same module shortens it.
+    # Prepended: it sees the attention's input before a merge hook on the same module shortens it.
     state.handles.append(attn.register_forward_pre_hook(before_attn2, with_kwargs=True, prepend=True))

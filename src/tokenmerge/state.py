@@ -166,7 +166,7 @@ class PatchState:
         self._run_is_cfg: bool | None = None  # a pipeline without a guidance flag: read once per run
 
     # -- called by the denoiser hooks ------------------------------------------------------------
-    def begin_call(self, sample: torch.Tensor, timestep: object) -> None:
+    def begin_call(self, sample: torch.Tensor, timestep: object, latent_hw: tuple[int, int] | None = None) -> None:
         new_run = self.clock.tick(timestep, self.follows_run)
         if new_run:
             self.importance = None
@@ -176,7 +176,7 @@ class PatchState:
         for key in self.plan_ages:  # counted here, eagerly, so a traced plan reads a set, not the step
             self.plan_ages[key] += 1
         self.fresh_plans = frozenset(key for key, age in self.plan_ages.items() if age < self.config.hold_steps)
-        self.latent_hw = tuple(sample.shape[-2:])
+        self.latent_hw = latent_hw or tuple(sample.shape[-2:])
         self.guided = self._guided_batch(sample, new_run)
         self.prune_phase = self.config.prunes_at(self.clock.progress)
         self._pooled.clear()
@@ -237,7 +237,7 @@ class PatchState:
         ``do_classifier_free_guidance`` (SD, SDXL, AnimateDiff, LCM). PixArt's and DiT's pipelines keep the CFG
         switch in a local variable but feed CFG the latent twice (``[latents] * 2``): there the halves are compared
         once per run (one device-to-host read per generation, none per step). A bare denoiser has no pipeline to ask:
-        an even batch is taken for a CFG pair. A batch that is not a whole number of the layout's parts (a call the
+        an even batch is taken for a CFG pair, except in a family whose pipelines never batch CFG (``Adapter.guided``). A batch that is not a whole number of the layout's parts (a call the
         pipeline's loop did not make) is planned row by row, and importance from CFG then raises, naming the layout.
         """
         batch = sample.shape[0]
@@ -251,7 +251,7 @@ class PatchState:
             layout = INSTRUCT_PIX2PIX
         elif cfg_flag is not None:
             layout = cfg if cfg_flag else None
-        elif batch % 2:
+        elif batch % 2 or not self.adapter.guided:  # a family that never batches CFG (FLUX, LCM) unless it says so
             layout = None
         elif pipe is None:
             layout = cfg

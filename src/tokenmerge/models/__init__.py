@@ -14,12 +14,13 @@ __all__ = ["Adapter", "PatchTarget", "adapter_for", "adapters", "example_inputs"
 def adapters() -> tuple[type[Adapter], ...]:
     """Every adapter, most specific first (imported here: the video and multi-view ones use the hooks module)."""
     from .animatediff import AnimateDiffAdapter
+    from .flux import FluxAdapter
     from .sd3 import SD3Adapter
     from .transformer import DiTAdapter, PixArtAdapter
     from .unet import UNetAdapter
     from .zero123pp import Zero123PlusAdapter
 
-    return (AnimateDiffAdapter, Zero123PlusAdapter, UNetAdapter, PixArtAdapter, DiTAdapter, SD3Adapter)
+    return (AnimateDiffAdapter, Zero123PlusAdapter, UNetAdapter, PixArtAdapter, DiTAdapter, SD3Adapter, FluxAdapter)
 
 
 def adapter_for(denoiser: nn.Module) -> Adapter:

@@ -138,6 +138,10 @@ class Adapter:
 
         return BlockPatch(state, target)
 
+    def latent_size(self, sample: torch.Tensor, read: Callable[[str], object]) -> tuple[int, int]:
+        """``(H, W)`` of the call's latent ``sample`` (``read(name)``: another argument of the call)."""
+        return tuple(sample.shape[-2:])
+
     def skips_call(self, read: Callable[[str], object]) -> bool:
         """True for a call of :attr:`call_site` that is neither merged nor counted as a step (Zero123++'s reference
         image, SD3's layer-skipping guidance call); ``read(name)`` is the call's argument ``name`` (or None)."""

@@ -28,6 +28,13 @@ class BlockKind:
         mlp: the attribute of the feed-forward (merged with ``merge_mlp``), or None.
         dual_attention: a second attention over the block's own tokens only (SD3.5's ``attn2``), merged with
             ``merge_attn``, or None.
+        text_first: the block argument whose tokens the block puts before its image tokens in the one sequence its
+            parts see (FLUX's single-stream blocks: ``[text; image]``); those rows pass every part whole. None: the
+            parts see the image tokens alone.
+        fused_out: a projection over the attention's and the MLP's outputs side by side (FLUX's single-stream
+            ``proj_out``): when both are merged, their outputs stay merged and this one's output is unmerged.
+        rotary: the attention argument with the rotary ``(cos, sin)`` rows of ``[text; image]`` (FLUX's
+            ``image_rotary_emb``): a merged call rotates each kept token by its own row (:mod:`tokenmerge.rotary`).
 
     A self-attention that is joint (called with the text as ``encoder_hidden_states``, attending ``[image; text]``
     in one softmax and returning ``(image, text)``: SD3's ``attn``) has only its image tokens merged; the text
@@ -39,6 +46,9 @@ class BlockKind:
     cross_attention: str | None = "attn2"
     mlp: str | None = "ff"
     dual_attention: str | None = None
+    text_first: str | None = None
+    fused_out: str | None = None
+    rotary: str | None = None
 
     def parts(self, merge_attn: bool, merge_crossattn: bool, merge_mlp: bool) -> tuple[str, ...]:
         """The attribute names of the parts to merge around, in call order."""
@@ -70,6 +80,19 @@ def _load_builtins() -> None:
     # MLP, ff_context, is never merged).
     _REGISTRY.setdefault(JointTransformerBlock, BlockKind(self_attention="attn", cross_attention=None,
                                                           dual_attention="attn2"))
+    try:  # FLUX.1 (diffusers >= 0.35: single-stream blocks take the text apart, FluxAttention)
+        from diffusers.models.transformers.transformer_flux import (
+            FluxAttention, FluxSingleTransformerBlock, FluxTransformerBlock)
+    except ImportError:
+        return
+    del FluxAttention
+    # Double stream: a joint attention over [text; image] with rotary rows, the image MLP (ff_context never merged).
+    _REGISTRY.setdefault(FluxTransformerBlock, BlockKind(self_attention="attn", cross_attention=None,
+                                                         rotary="image_rotary_emb"))
+    # Single stream: attention and MLP branch side by side on [text; image], joined by proj_out.
+    _REGISTRY.setdefault(FluxSingleTransformerBlock, BlockKind(
+        self_attention="attn", cross_attention=None, mlp="proj_mlp", text_first="encoder_hidden_states",
+        fused_out="proj_out", rotary="image_rotary_emb"))
 
 
 def kind_of(module: nn.Module) -> BlockKind | None:

@@ -31,6 +31,7 @@ class SD3Adapter(TransformerAdapter):
     class_name = "SD3Transformer2DModel"
     description = "SD3Transformer2DModel (SD3, SD3.5)"
     text_tokens = SD3_TEXT_TOKENS
+    joint_attention = "JointAttnProcessor2_0"
     #: diffusers' fast-test layout (joint attention of width 32), 4 blocks; SD3.5's variant with dual attention in
     #: the first two and q/k RMS norms.
     tiny_configs = {
@@ -45,16 +46,6 @@ class SD3Adapter(TransformerAdapter):
 
     def skips_call(self, read) -> bool:
         return read("skip_layers") is not None
-
-    def check(self, config) -> None:
-        if config.proportional_attention or not config.merge_queries:
-            raise ValueError(
-                f"tokenmerge: {type(config).__name__}(proportional_attention={config.proportional_attention}, "
-                f"merge_queries={config.merge_queries}) cannot run on SD3: its joint attention "
-                "(JointAttnProcessor2_0) takes no attention mask for a size bias and computes the image keys from the "
-                "image tokens themselves. Use proportional_attention=False and merge_queries=True (the family preset)."
-            )
-        super().check(config)
 
     def _example(self, s: ExampleShape) -> tuple[tuple, dict]:
         """Latent, joint text states (CLIP + T5 width), pooled CLIP projections, a timestep per sample."""

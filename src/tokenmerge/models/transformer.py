@@ -30,6 +30,9 @@ class TransformerAdapter(Adapter):
     family = "pixart"
     class_name = ""
     latent_argument = "hidden_states"
+    #: The processor of a joint image-text attention (SD3, FLUX), which takes no attention mask for a size bias and
+    #: computes the image keys from the image tokens themselves; None: attention over the image tokens alone.
+    joint_attention: str | None = None
 
     def __init__(self, denoiser: nn.Module) -> None:
         super().__init__(denoiser)
@@ -54,6 +57,14 @@ class TransformerAdapter(Adapter):
 
     def check(self, config) -> None:
         name = type(config).__name__
+        if self.joint_attention and (config.proportional_attention or not config.merge_queries):
+            raise ValueError(
+                f"tokenmerge: {name}(proportional_attention={config.proportional_attention}, merge_queries="
+                f"{config.merge_queries}) cannot run on {type(self.denoiser).__name__}: its joint attention "
+                f"({self.joint_attention}) takes no attention mask for a size bias and computes the image keys from "
+                "the image tokens themselves. Use proportional_attention=False and merge_queries=True (the family "
+                "preset)."
+            )
         if "max_downsample" in config.explicit_fields() and config.max_downsample != default_of(config, "max_downsample"):
             raise ValueError(
                 f"tokenmerge: {name}.max_downsample counts U-Net levels, but {type(self.denoiser).__name__} is a "
