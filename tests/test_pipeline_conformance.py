@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import diffusers
 import pytest
 import torch
 from PIL import Image
@@ -30,6 +31,7 @@ from .models.helpers import no_hooks_left
 from .text_encoders import clip_text_encoder, t5_parts
 
 STEPS = 2
+DIFFUSERS = tuple(int(part) for part in diffusers.__version__.split(".")[:2])
 
 
 def image(size: int = 64, seed: int = 3) -> Image.Image:
@@ -222,6 +224,47 @@ def sd3_controlnet():
         SD3_CALL, control_image=control, controlnet_conditioning_scale=1.0)
 
 
+def flux_components():
+    """diffusers' FLUX fast-test components (a one-level VAE of one latent channel, CLIP and T5 of width 32), with
+    two blocks of each stream."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]).eval()
+    torch.manual_seed(0)
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035).eval()
+    t5 = t5_parts()
+    return dict(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+                text_encoder=clip_text_encoder(), tokenizer=_char_tokenizer(),
+                text_encoder_2=t5["text_encoder"], tokenizer_2=t5["tokenizer"])
+
+
+#: A 16 x 24 token grid (the one-level VAE keeps the pixel size; FLUX packs 2 x 2).
+FLUX_CALL = dict(prompt="a painting of a squirrel", height=32, width=48, guidance_scale=5.0, max_sequence_length=16)
+
+
+def flux():
+    from diffusers import FluxPipeline
+
+    return FluxPipeline(**flux_components()), dict(FLUX_CALL)
+
+
+def flux_controlnet():
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+
+    torch.manual_seed(0)
+    controlnet = FluxControlNetModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]).eval()
+    control = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(4))
+    return FluxControlNetPipeline(**flux_components(), controlnet=controlnet), dict(
+        FLUX_CALL, control_image=control, controlnet_conditioning_scale=1.0)
+
+
 def zero123pp():
     from .models.test_zero123pp_pipeline import HEIGHT, VIEW_PX, WIDTH, build_pipeline
 
@@ -233,6 +276,8 @@ class Case:
     build: Callable[[], tuple]
     #: Whether the pipeline batches classifier-free guidance (it has a guidance-off path to test).
     guides: bool = True
+    #: The oldest diffusers (major, minor) whose version of the pipeline tokenmerge supports.
+    needs: tuple[int, int] = (0, 0)
 
 
 PIPELINES = {
@@ -240,6 +285,7 @@ PIPELINES = {
     "sd-controlnet": Case(sd_controlnet), "sd-pag": Case(sd_pag), "instruct-pix2pix": Case(instruct_pix2pix),
     "sdxl": Case(sdxl), "lcm": Case(lcm, guides=False), "animatediff": Case(animatediff), "pixart": Case(pixart),
     "dit": Case(dit), "zero123pp": Case(zero123pp), "sd3": Case(sd3), "sd3-controlnet": Case(sd3_controlnet),
+    "flux": Case(flux, guides=False, needs=(0, 35)), "flux-controlnet": Case(flux_controlnet, guides=False, needs=(0, 35)),
 }
 
 
@@ -267,7 +313,10 @@ class Built:
 @pytest.fixture(params=list(PIPELINES), scope="module")
 def built(request) -> Built:
     """Built once per pipeline: pytest groups the tests by it, so one pipeline is alive at a time."""
-    return Built(PIPELINES[request.param])
+    case = PIPELINES[request.param]
+    if DIFFUSERS < case.needs:
+        pytest.skip(f"{request.param} needs diffusers >= {'.'.join(map(str, case.needs))} ({diffusers.__version__})")
+    return Built(case)
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -197,19 +197,28 @@ class BlockPatch:
                 state.on_plan(PlanEvent(state.clock.step, self.target.name, grid, None, None, state.prune_phase))
             return
         key = config.share_key(self.target.level, self.target.stage)
+        hold_key = key or self.target.name
+        self.plan, ctx = self._find_plan(x, key, hold_key)
+        state.step_plans[hold_key] = (self.plan, ctx, (batch, tokens))
+        self._report(ctx)
+
+    def _find_plan(self, x: torch.Tensor, key: object, hold_key: object) -> tuple[MergePlan, PlanContext]:
+        """The plan of this call: one already made for it (the step's first call's, for the second call of a
+        two-call CFG step; the level's, with ``share_plan``; an earlier step's, with ``plan_every``), or a new one."""
+        state, config = self.state, self.state.config
+        batch, tokens, _ = x.shape
+        if state.repeat:  # the unconditional call of a two-call CFG step: the pair shares plans, as a CFG batch does
+            found = state.step_plans.get(hold_key)
+            if found is not None and found[2] == (batch, tokens):
+                return found[:2]
         if key is not None and key in state.shared_plans:
             # share_plan="level": this level's first block already planned in this denoiser call.
-            self.plan, ctx = state.shared_plans[key]
-            self._report(ctx)
-            return
-        hold_key = key or self.target.name
+            return state.shared_plans[key]
         held = state.held_plan(hold_key, (batch, tokens)) if config.hold_steps > 1 else None
         if held is not None:  # plan_every (ReToM's period): a plan from an earlier step of this run
-            self.plan, ctx = held
             if key is not None:
                 state.shared_plans[key] = held
-            self._report(ctx)
-            return
+            return held
         grid = state.adapter.grid(state.latent_hw, self.target, tokens)
         guided = state.guided
         groups = batch // guided.parts if guided is not None else batch
@@ -225,12 +234,12 @@ class BlockPatch:
             bottleneck=self.target.bottleneck,
         )
         with torch.no_grad():
-            self.plan = config.make_plan(x.detach(), ctx)
+            plan = config.make_plan(x.detach(), ctx)
         if key is not None:
-            state.shared_plans[key] = (self.plan, ctx)
+            state.shared_plans[key] = (plan, ctx)
         if config.hold_steps > 1:
-            state.hold_plan(hold_key, self.plan, ctx, (batch, tokens))
-        self._report(ctx)
+            state.hold_plan(hold_key, plan, ctx, (batch, tokens))
+        return plan, ctx
 
     def _report(self, ctx: PlanContext) -> None:
         on_plan = self.state.on_plan

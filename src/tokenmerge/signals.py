@@ -98,7 +98,7 @@ def install_crossattn_importance(state, adapter) -> None:
     signature = Signature.of(attn)
 
     def before_attn2(module, args, kwargs):
-        if state.skipping:
+        if state.skipping or state.repeat:  # the map is the conditional call's (the first of a two-call CFG step)
             return
         hidden = signature.read(args, kwargs, "hidden_states")
         context = signature.read(args, kwargs, "encoder_hidden_states")

@@ -28,6 +28,9 @@ class PlanEvent:
     prune_phase: bool
 
 
+_MISSING = object()
+
+
 class RunClock:
     """Tells the step index, the progress through the run and when a new run starts.
 
@@ -43,8 +46,14 @@ class RunClock:
         self._num_train_timesteps = num_train_timesteps
         self._timesteps = None
         self._last_t: float | None = None
+        self._step_index: object = _MISSING
         self.step = -1
         self.progress = 0.0
+        #: This call is a second call of the same step (the scheduler did not step between them: a pipeline that
+        #: runs CFG as two calls, FLUX's true CFG). Told only by a scheduler with a ``step_index``.
+        self.repeat = False
+        #: The scheduler tells repeated calls (it has a ``step_index``).
+        self.tells_repeats = False
 
     def tick(self, timestep: object, read_timestep: bool = True) -> bool:
         """Advance by one denoiser call; True when it starts a new run.
@@ -61,6 +70,12 @@ class RunClock:
                 self._timesteps = timesteps
                 begin = getattr(scheduler, "begin_index", None) or 0
                 self._total = max(1, getattr(pipeline, "_num_timesteps", None) or len(timesteps) - begin)
+            index = getattr(scheduler, "step_index", _MISSING)
+            self.tells_repeats = index is not _MISSING
+            self.repeat = not new_run and self.tells_repeats and index == self._step_index
+            self._step_index = index
+            if self.repeat:
+                return False
             self.step = 0 if new_run else self.step + 1
             self.progress = self.step / self._total
             return new_run
@@ -145,6 +160,10 @@ class PatchState:
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.latent_hw: tuple[int, int] | None = None
         self.skipping = False  # this call is a pass left whole and uncounted (Adapter.skips_call)
+        self.repeat = False  # this call is the second of its step (two-call CFG: RunClock.repeat)
+        self.step_plans: dict = {}  # block or share key -> (plan, context, tokens) of this step's first call
+        self._cond_eps: torch.Tensor | None = None  # two-call CFG: the step's first (conditional) prediction
+        self._two_call_cfg = False  # this run's steps come as two calls
         self.guided: GuidedBatch | None = None  # this call's guidance layout (None: every row its own image)
         self.expected_layout: GuidedBatch | None = None  # the layout the pipeline says it runs, for the error
         self.prune_phase = False
@@ -168,14 +187,20 @@ class PatchState:
     # -- called by the denoiser hooks ------------------------------------------------------------
     def begin_call(self, sample: torch.Tensor, timestep: object, latent_hw: tuple[int, int] | None = None) -> None:
         new_run = self.clock.tick(timestep, self.follows_run)
+        self.repeat = self.clock.repeat
         if new_run:
             self.importance = None
             self.held_plans.clear()
             self.plan_ages.clear()
             self.rng.restart()
-        for key in self.plan_ages:  # counted here, eagerly, so a traced plan reads a set, not the step
-            self.plan_ages[key] += 1
-        self.fresh_plans = frozenset(key for key, age in self.plan_ages.items() if age < self.config.hold_steps)
+            self._cond_eps, self._two_call_cfg = None, False
+        if self.repeat:
+            self._two_call_cfg = True
+        else:
+            for key in self.plan_ages:  # counted here, eagerly, so a traced plan reads a set, not the step
+                self.plan_ages[key] += 1
+            self.fresh_plans = frozenset(key for key, age in self.plan_ages.items() if age < self.config.hold_steps)
+            self.step_plans.clear()
         self.latent_hw = latent_hw or tuple(sample.shape[-2:])
         self.guided = self._guided_batch(sample, new_run)
         self.prune_phase = self.config.prunes_at(self.clock.progress)
@@ -183,13 +208,21 @@ class PatchState:
         self.shared_plans.clear()
         self.skipped.clear()
         signal = self.config.signal
-        if self.cfg_importance and (self.guided is None or self.guided.uncond is None):
+        if self.cfg_importance and (self.guided is None or self.guided.uncond is None) and not self._awaits_uncond():
             raise ValueError(self._no_cfg_message(sample.shape[0]))
         if isinstance(signal, torch.Tensor) or callable(signal):
             given = signal(self.clock.step) if callable(signal) else signal
             self.importance = given.to(sample.device, torch.float32).reshape(-1, *given.shape[-2:])
         if self.draws:
             self.rng.load(sample.device)  # the denoiser's last hook unloads it, even if the call raises
+
+    def _awaits_uncond(self) -> bool:
+        """Without a CFG batch, whether the unconditional prediction may still come as a second call of the step
+        (a pipeline that runs CFG as two calls; told by the scheduler's ``step_index``): this run's steps came in
+        pairs so far, or it is the run's first step, whose second call tells."""
+        if self.guided is not None or not self.clock.tells_repeats:
+            return False
+        return self.repeat or self._two_call_cfg or self.clock.step == 0
 
     def end_call(self, output: object) -> None:
         self.shared_plans.clear()  # plans hold index tensors: do not keep them alive between calls
@@ -198,7 +231,14 @@ class PatchState:
         with torch.no_grad():
             eps = self.adapter.prediction(output)[:, self.adapter.importance_channels]
             guided = self.guided
-            self.importance = (guided.part(eps, guided.cond) - guided.part(eps, guided.uncond)).abs().float().mean(dim=1)
+            if guided is not None and guided.uncond is not None:
+                self.importance = (guided.part(eps, guided.cond) - guided.part(eps, guided.uncond)).abs().float().mean(
+                    dim=1)
+            elif self.repeat and self._cond_eps is not None:  # two-call CFG: the conditional call came first
+                self.importance = (self._cond_eps - eps).abs().float().mean(dim=1)
+                self._cond_eps = None
+            else:
+                self._cond_eps = eps
 
     # -- called by the block hooks ---------------------------------------------------------------
     def held_plan(self, key: object, tokens: tuple[int, int]) -> tuple | None:
@@ -276,8 +316,9 @@ class PatchState:
                     f"{expected.parts}, so which rows are conditional is unknown. Call the denoiser as the pipeline "
                     f"does, or: {fix}")
         return ("tokenmerge: ImportanceMerge(importance='cfg') needs classifier-free guidance (a batch "
-                f"[uncond; cond]), but this call has batch size {batch} without it (guidance off, or a "
-                f"guidance-distilled model such as LCM). Run with guidance_scale > 1, or: {fix}")
+                f"[uncond; cond], or a pipeline that runs it as two calls per step), but this call has batch size {batch} "
+                "without it (guidance off, or a guidance-distilled model such as LCM or FLUX.1-dev). Run with "
+                f"guidance_scale > 1 (FluxPipeline: true_cfg_scale > 1 and a negative_prompt), or: {fix}")
 
 
 def pipeline_flag(pipe: object, name: str) -> bool | None:

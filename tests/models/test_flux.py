@@ -198,3 +198,43 @@ def test_a_grid_the_ids_do_not_span_is_refused():
             model(torch.randn(1, 2 * ROWS * COLS, 4, generator=gen), encoder_hidden_states=torch.randn(1, TEXT, 32),
                   pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]), img_ids=ids2,
                   txt_ids=torch.zeros(TEXT, 3), guidance=torch.tensor([3.5]))
+
+
+def true_cfg_pipeline():
+    from tests.test_pipeline_conformance import FLUX_CALL, flux
+
+    pipe, _ = flux()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, dict(FLUX_CALL, true_cfg_scale=2.0, negative_prompt="a red circle", num_inference_steps=3,
+                      output_type="latent")
+
+
+def test_true_cfg_runs_two_calls_per_step_that_share_plans_and_give_cfg_importance():
+    """FluxPipeline's true CFG: the conditional call, then the unconditional one, per step. Both are one step of
+    the clock, the second reuses the first's plans, and importance="cfg" is |cond - uncond| of the step before."""
+    pipe, call_kwargs = true_cfg_pipeline()
+    outputs = []
+    handle = pipe.transformer.register_forward_hook(lambda module, args, kwargs, output: outputs.append(output[0]),
+                                                    with_kwargs=True)
+    events = []
+    config = ImportanceMerge(ratio=0.5, importance="cfg", min_tokens=0, seed=0, prune_steps=0.0, layers=(0.0, 1.0))
+    with tokenmerge.patched(pipe, config, on_plan=events.append):
+        pipe(**call_kwargs, generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
+    assert [e.step for e in events] == [step for step in range(3) for _ in range(2 * blocks)]
+    for step in range(3):
+        cond, uncond = events[2 * blocks * step: 2 * blocks * (step + 1)][:blocks], events[
+            2 * blocks * step + blocks: 2 * blocks * (step + 1)]
+        assert all(a.plan is b.plan for a, b in zip(cond, uncond))
+    assert all(e.importance is None for e in events[: 2 * blocks])
+    expected = (outputs[0] - outputs[1]).abs().mean(-1)  # step 0: cond then uncond, packed (B, N, C)
+    torch.testing.assert_close(events[2 * blocks].importance, expected)
+
+
+def test_cfg_importance_without_true_cfg_is_refused_naming_it():
+    pipe, call_kwargs = true_cfg_pipeline()
+    call_kwargs.pop("negative_prompt")
+    with pytest.raises(ValueError, match="true_cfg_scale"):
+        with tokenmerge.patched(pipe, ImportanceMerge(ratio=0.5, importance="cfg", min_tokens=0)):
+            pipe(**call_kwargs)
