@@ -18,7 +18,7 @@ from tokenmerge.tools.tiny import build_denoiser
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="sd15,sd21,sdxl,pixart,dit,lcm,animatediff,zero123pp,sd35m")
+    parser.add_argument("--models", default="sd15,sd21,sdxl,pixart,dit,lcm,animatediff,zero123pp,sd35m,flux1dev")
     parser.add_argument("--ratios", default="0.5,0.75")
     parser.add_argument("--methods", default="tome,importance")
     args = parser.parse_args()

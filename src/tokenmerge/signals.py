@@ -66,7 +66,8 @@ def crossattn_map(attn, hidden_states: torch.Tensor, context: torch.Tensor,
 
 def joint_text_map(attn, hidden_states: torch.Tensor, context: torch.Tensor, rotary: object) -> torch.Tensor:
     """``(B, N)``: per image token, the head-averaged attention mass on the text keys in a joint attention's one
-    softmax over ``[text; image]`` (FLUX's double-stream ``FluxAttention``), with the call's rotary rows.
+    softmax over ``[text; image]`` (FLUX's double-stream ``FluxAttention``, SD3's joint ``Attention``), with the
+    call's rotary rows (FLUX) or none (SD3).
 
     The joint softmax's share of the text plays the part of the U-Net's cross-attention map: it needs no start
     token to leave out (T5 has none), and one SDPA call over values that mark the text keys gives it without an
@@ -75,10 +76,14 @@ def joint_text_map(attn, hidden_states: torch.Tensor, context: torch.Tensor, rot
     def heads(y):
         return y.unflatten(-1, (attn.heads, -1))
 
+    def norm(name, y):
+        module = getattr(attn, name, None)
+        return y if module is None else module(y)
+
     text = context.shape[1]
-    query = attn.norm_q(heads(attn.to_q(hidden_states)))
-    key = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(context))), attn.norm_k(heads(attn.to_k(hidden_states)))],
-                    dim=1)
+    query = norm("norm_q", heads(attn.to_q(hidden_states)))
+    text_key = norm("norm_added_k", heads(attn.add_k_proj(context)))
+    key = torch.cat([text_key, norm("norm_k", heads(attn.to_k(hidden_states)))], dim=1)
     if rotary is not None:
         cos, sin = (part.to(query.device)[None, :, None] for part in rotary)
         key = rotate(key, cos, sin)
@@ -107,7 +112,8 @@ def install_crossattn_importance(state, adapter) -> None:
         grid = adapter.grid(state.latent_hw, target, hidden.shape[1])
         with torch.no_grad():
             if joint:
-                scores = joint_text_map(module, hidden, context, signature.read(args, kwargs, target.kind.rotary))
+                rotary = signature.read(args, kwargs, target.kind.rotary) if target.kind.rotary else None
+                scores = joint_text_map(module, hidden, context, rotary)
             else:
                 scores = crossattn_map(module, hidden, context, signature.read(args, kwargs, "attention_mask"))
         if state.guided is not None:

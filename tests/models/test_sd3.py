@@ -142,3 +142,26 @@ def test_the_skip_layer_guidance_call_is_left_whole_and_not_counted_as_a_step():
     assert sorted(e.step for e in events) == sorted(list(range(3)) * len(blocks)), "one plan per block and step"
     assert all(e.importance is not None for e in events if e.step > 0)
     assert torch.isfinite(merged).all()
+
+
+def test_crossattn_importance_is_the_last_joint_attention_share_of_the_text():
+    """Against the joint softmax over [image; text] keys computed here from the block's own projections."""
+    from tokenmerge.signals import joint_text_map
+
+    model = sd3()
+    attn = model.transformer_blocks[-1].attn
+    torch.manual_seed(0)
+    image, context = torch.randn(2, 64, 32), torch.randn(2, TEXT, 32)
+    with torch.no_grad():
+        got = joint_text_map(attn, image, context, None)
+        q = attn.to_q(image).unflatten(-1, (attn.heads, -1))
+        k = torch.cat([attn.to_k(image), attn.add_k_proj(context)], dim=1).unflatten(-1, (attn.heads, -1))
+        probs = (torch.einsum("bnhd,bmhd->bhnm", q, k) / q.shape[-1] ** 0.5).softmax(-1)
+    torch.testing.assert_close(got, probs[..., 64:].sum(-1).mean(1), atol=1e-5, rtol=1e-5)
+    events = []
+    with tokenmerge.patched(model, ImportanceMerge(ratio=0.5, importance="crossattn", min_tokens=0, seed=0),
+                            on_plan=events.append):
+        call(model, t=900)
+        call(model, t=800)
+    assert all(e.importance is None for e in events if e.step == 0)
+    assert all(e.importance is not None and e.importance.shape == (1, 64) for e in events if e.step == 1)

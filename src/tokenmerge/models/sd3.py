@@ -10,7 +10,8 @@ so merged tokens carry their own; ControlNet residuals are added to the block's 
 
 Keys are one per merged slot: ``JointAttnProcessor2_0`` takes no attention mask (size-aware keys would need one)
 and computes the image keys from ``hidden_states`` (K/V-only would replace the text), so both raise here.
-The pipeline batches CFG ``[uncond; cond]`` (``do_classifier_free_guidance``), so ``importance="cfg"`` applies.
+The pipeline batches CFG ``[uncond; cond]`` (``do_classifier_free_guidance``), so ``importance="cfg"`` applies;
+``importance="crossattn"`` reads the last block's joint attention (its share of the text, as on FLUX).
 SD3.5's skip-layer guidance makes a second call in some steps, on the conditional half with ``skip_layers``: that
 call is left whole and is not counted as a step (:meth:`skips_call`), so the step clock, the pruning phase and the
 CFG importance follow the sampler's steps.
@@ -19,7 +20,7 @@ CFG importance follow the sampler's steps.
 from __future__ import annotations
 
 import torch
-from .base import ExampleShape
+from .base import ExampleShape, PatchTarget
 from .transformer import TransformerAdapter
 
 #: SD3's prompt: CLIP-L and CLIP-G (77 tokens, padded to T5's width) then T5 (256 tokens).
@@ -43,6 +44,10 @@ class SD3Adapter(TransformerAdapter):
                      pooled_projection_dim=64, out_channels=4, pos_embed_max_size=16, qk_norm="rms_norm",
                      dual_attention_layers=(0, 1)),
     }
+
+    def importance_target(self) -> PatchTarget:
+        """The last block: ``importance="crossattn"`` reads its joint attention's share of the text."""
+        return self.all_targets()[-1]
 
     def skips_call(self, read) -> bool:
         return read("skip_layers") is not None

@@ -30,6 +30,7 @@ MODELS = {
     "animatediff": ModelSpec("AnimateDiff (SD 1.5)", "animatediff_sd15_unet.json", "animatediff", (512,)),
     "zero123pp": ModelSpec("Zero123++ (SD 2)", "zero123pp_unet.json", "zero123pp", ((960, 640),)),
     "sd35m": ModelSpec("SD3.5 Medium", "sd35_medium_transformer.json", "sd35", (1024,)),
+    "flux1dev": ModelSpec("FLUX.1-dev", "flux1_dev_transformer.json", "flux", (1024,)),
 }
 
 TINY_SIZE = 128  # the tiny configs' sample_size (16) x 8
