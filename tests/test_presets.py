@@ -60,3 +60,13 @@ def test_placement_applies_to_every_method_and_method_entries_only_to_theirs():
 def test_unknown_family_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown model family 'kandinsky'.*pixart"):
         presets.preset("kandinsky", ToMe)
+
+
+def test_joint_attention_families_merge_every_block_with_one_key_per_slot():
+    """SD3 and FLUX: every block's attention (the measured placement, docs/models.md), no size bias (their joint
+    attention takes no mask); FLUX's ImportanceMerge reads the joint map (no CFG batch)."""
+    for family in ("sd3", "flux"):
+        config = presets.resolve(ToMe(ratio=0.5), family)
+        assert (config.layers, config.proportional_attention, config.merge_mlp) == ((0.0, 1.0), False, False)
+    assert presets.resolve(ImportanceMerge(ratio=0.5), "flux").importance == "crossattn"
+    assert presets.resolve(ImportanceMerge(ratio=0.5), "sd3").importance == "cfg"

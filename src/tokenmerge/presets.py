@@ -20,9 +20,9 @@ animatediff    ImportanceMerge: ``pool=0.8``, pruning in the first 4 of 30 steps
 zero123pp      first two and last two U-Net blocks (``max_downsample=2``); ImportanceMerge: ``pool=0.6``,
                pruning in the first 10 of 50 steps; one key per merged slot (``proportional_attention=False``:
                its reference attention extends the keys inside its own processor)
-sd3            not in the paper: PixArt's placement (middle half) for now, one key per merged slot
-               (``proportional_attention=False``: the joint attention takes no mask); only image tokens merge
-flux           not in the paper: the middle half of the 57 blocks (both streams) for now, one key per merged slot;
+sd3            not in the paper: every block's attention (measured FLOPs and one-step error, docs/models.md), one
+               key per merged slot (``proportional_attention=False``: the joint attention takes no mask)
+flux           not in the paper: every block's attention in both streams (the same measurement), one key per slot;
                ImportanceMerge: ``importance="crossattn"`` from the joint attention (guidance-distilled: no CFG batch)
 =============  =========================================================================================
 """
@@ -47,10 +47,13 @@ PRESETS: dict[str, dict[str, dict[str, object]]] = {
     # Its reference attention appends the reference tokens to the keys inside its processor: one key per slot.
     "zero123pp": {"*": {"max_downsample": 2, "proportional_attention": False},
                   "importance": {"pool": 0.6, "prune_steps": 10 / 50}},
-    # Its joint attention (JointAttnProcessor2_0) takes no attention mask: one key per slot.
-    "sd3": {"*": {"layers": (0.25, 0.75), "proportional_attention": False}},
-    # Joint attention too (FluxAttnProcessor); no CFG batch: importance from the joint attention's text share.
-    "flux": {"*": {"layers": (0.25, 0.75), "proportional_attention": False}, "importance": {"importance": "crossattn"}},
+    # Every block's attention: the placement with the most FLOPs per unit of one-step error measured
+    # (benchmarks/placement_flops.py, placement_fidelity.py; docs/models.md). The joint attention
+    # (JointAttnProcessor2_0) takes no attention mask: one key per slot.
+    "sd3": {"*": {"layers": (0.0, 1.0), "proportional_attention": False}},
+    # The same measurement and the same joint attention (FluxAttnProcessor); no CFG batch: importance from the joint
+    # attention's share of the text.
+    "flux": {"*": {"layers": (0.0, 1.0), "proportional_attention": False}, "importance": {"importance": "crossattn"}},
 }
 
 

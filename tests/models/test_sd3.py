@@ -71,7 +71,7 @@ class Recorder:
 
 
 @pytest.mark.parametrize("build", [sd3, pytest.param(sd35, marks=needs_sd35)], ids=["sd3", "sd3.5"])
-def test_only_image_tokens_are_merged_in_the_middle_half_and_the_text_passes_whole(build):
+def test_only_image_tokens_are_merged_in_the_placed_blocks_and_the_text_passes_whole(build):
     model = build()
     recorders = {}
     for i, block in enumerate(model.transformer_blocks):
@@ -81,7 +81,7 @@ def test_only_image_tokens_are_merged_in_the_middle_half_and_the_text_passes_who
                 recorders[i, name] = Recorder(attention.processor)
                 attention.set_processor(recorders[i, name])
     events = []
-    with tokenmerge.patched(model, ToMe(ratio=0.5, min_tokens=0), on_plan=events.append):
+    with tokenmerge.patched(model, ToMe(ratio=0.5, min_tokens=0, layers=(0.25, 0.75)), on_plan=events.append):
         call(model)
     tokens = (LATENT // 2) ** 2
     kept = tokens - tokens // 2
