@@ -88,7 +88,8 @@ def joint_text_map(attn, hidden_states: torch.Tensor, context: torch.Tensor, rot
         cos, sin = (part.to(query.device)[None, :, None] for part in rotary)
         key = rotate(key, cos, sin)
         query = rotate(query, cos[:, text:], sin[:, text:])
-    marks = query.new_zeros(query.shape[0], attn.heads, key.shape[1], 8)
+    # Values of the queries' head dim keep SDPA on its fused kernel (narrower values fall back to the math path).
+    marks = query.new_zeros(query.shape[0], attn.heads, key.shape[1], query.shape[-1])
     marks[:, :, :text, 0] = 1
     mass = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), marks)[..., 0]
     return mass.float().mean(dim=1)

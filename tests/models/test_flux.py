@@ -186,6 +186,18 @@ def test_cfg_importance_size_aware_keys_and_ip_adapter_are_refused_with_the_fix(
     with pytest.raises(ValueError, match="merge_queries=True"):
         tokenmerge.apply(model, ToMe(ratio=0.5, merge_queries=False))
     assert tokenmerge.current_config(model) is None
+    # An IP-Adapter's image states reach every attention (as FluxPipeline passes them); merged attention refuses.
+    ip = {"ip_hidden_states": [torch.zeros(2, 4, 32)]}
+    with tokenmerge.patched(model, ToMe(ratio=0.5, min_tokens=0)), pytest.raises(ValueError, match="IP-Adapter"):
+        with torch.no_grad():
+            model(torch.randn(2, ROWS * COLS, 4), encoder_hidden_states=torch.randn(2, TEXT, 32),
+                  pooled_projections=torch.randn(2, 32), timestep=torch.full((2,), 0.5), img_ids=ids(),
+                  txt_ids=torch.zeros(TEXT, 3), guidance=torch.full((2,), 3.5), joint_attention_kwargs=ip)
+    with tokenmerge.patched(model, ToMe(ratio=0.5, min_tokens=0, merge_attn=False, merge_mlp=True)):
+        with torch.no_grad():  # MLP merging leaves the attention whole: it runs
+            model(torch.randn(2, ROWS * COLS, 4), encoder_hidden_states=torch.randn(2, TEXT, 32),
+                  pooled_projections=torch.randn(2, 32), timestep=torch.full((2,), 0.5), img_ids=ids(),
+                  txt_ids=torch.zeros(TEXT, 3), guidance=torch.full((2,), 3.5), joint_attention_kwargs=dict(ip))
 
 
 def test_a_grid_the_ids_do_not_span_is_refused():

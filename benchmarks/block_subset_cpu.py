@@ -1,0 +1,71 @@
+"""CPU time of a full-width denoiser cut to a subset of its blocks, unpatched and merged (interleaved rounds,
+medians): for models whose full size does not fit this machine's memory (FLUX.1-dev: 12 B parameters).
+
+The subset keeps the model's proportions (FLUX: 1 double-stream and 2 single-stream blocks, as 19 and 38), so its
+speed-up is the blocks' speed-up; the full model adds only its embeddings and final layer, which merging does not
+touch and which cost under 1% of a step.
+
+    python benchmarks/block_subset_cpu.py --model flux1dev --size 1024 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+
+import tokenmerge
+from tokenmerge.models import example_inputs
+from tokenmerge.tools import bench
+from tokenmerge.tools.tiny import build_denoiser
+
+SUBSETS = {"FluxTransformer2DModel": dict(num_layers=1, num_single_layers=2),
+           "SD3Transformer2DModel": dict(num_layers=2, dual_attention_layers=(0,))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="flux1dev")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    config = bench.model_config(args.model)
+    config.update(SUBSETS[config["_class_name"]])
+    denoiser = build_denoiser(config, "cpu", torch.float32)
+    inputs, kwargs = example_inputs(denoiser, args.size, 1, "cpu", torch.float32)
+    variants = {"unpatched": None, **{name: tokenmerge.methods.METHODS[name](ratio=args.ratio, seed=0)
+                                      for name in ("tome", "importance")}}
+    times = {name: [] for name in variants}
+
+    def step() -> None:
+        with torch.no_grad():
+            denoiser(*inputs, **kwargs)
+
+    step()  # warm-up
+    for _ in range(args.rounds):
+        for name, config in variants.items():
+            with tokenmerge.patched(denoiser, config) if config is not None else contextlib.nullcontext():
+                step()  # the run's first step: ImportanceMerge's map comes from it
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["unpatched"])
+    print(f"{args.model} subset {SUBSETS[config_class(denoiser)]} at {args.size} px, CPU float32, ratio {args.ratio:g}, "
+          f"{args.rounds} interleaved rounds, medians:")
+    print("| variant | s per call | speed-up | rounds (s) |")
+    print("| --- | --- | --- | --- |")
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        print(f"| {name} | {median:.2f} | {base / median:.2f}x | {', '.join(f'{s:.2f}' for s in samples)} |")
+
+
+def config_class(denoiser) -> str:
+    return type(denoiser).__name__
+
+
+if __name__ == "__main__":
+    main()
