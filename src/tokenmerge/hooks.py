@@ -324,7 +324,8 @@ class BlockPatch:
         context = signature.read(args, kwargs, "encoder_hidden_states")
         args, kwargs = self._merge(signature, module, args, kwargs)
         if freqs is not None:
-            self.rotation = Rotation.of_kept(freqs, self.plan, context.shape[1] if context is not None else self.text_len)
+            text = context.shape[1] if context is not None else self.text_len
+            self.rotation = Rotation.of_kept(freqs, self.plan, text)
             args, kwargs = signature.replace(args, kwargs, rotary, None)
         return args, kwargs
 

@@ -277,8 +277,9 @@ class PatchState:
         ``do_classifier_free_guidance`` (SD, SDXL, AnimateDiff, LCM). PixArt's and DiT's pipelines keep the CFG
         switch in a local variable but feed CFG the latent twice (``[latents] * 2``): there the halves are compared
         once per run (one device-to-host read per generation, none per step). A bare denoiser has no pipeline to ask:
-        an even batch is taken for a CFG pair, except in a family whose pipelines never batch CFG (``Adapter.guided``). A batch that is not a whole number of the layout's parts (a call the
-        pipeline's loop did not make) is planned row by row, and importance from CFG then raises, naming the layout.
+        an even batch is taken for a CFG pair, except in a family whose pipelines never batch CFG (``Adapter.guided``).
+        A batch that is not a whole number of the layout's parts (a call the pipeline's loop did not make) is planned
+        row by row, and importance from CFG then raises, naming the layout.
         """
         batch = sample.shape[0]
         cfg = CFG_COND_FIRST if self.adapter.cond_first else CFG
@@ -316,8 +317,8 @@ class PatchState:
                     f"{expected.parts}, so which rows are conditional is unknown. Call the denoiser as the pipeline "
                     f"does, or: {fix}")
         return ("tokenmerge: ImportanceMerge(importance='cfg') needs classifier-free guidance (a batch "
-                f"[uncond; cond], or a pipeline that runs it as two calls per step), but this call has batch size {batch} "
-                "without it (guidance off, or a guidance-distilled model such as LCM or FLUX.1-dev). Run with "
+                f"[uncond; cond], or a pipeline that runs it as two calls per step), but this call has batch size "
+                f"{batch} without it (guidance off, or a guidance-distilled model such as LCM or FLUX.1-dev). Run with "
                 f"guidance_scale > 1 (FluxPipeline: true_cfg_scale > 1 and a negative_prompt), or: {fix}")
 
 
