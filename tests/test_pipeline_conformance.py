@@ -265,6 +265,48 @@ def flux_controlnet():
         FLUX_CALL, control_image=control, controlnet_conditioning_scale=1.0)
 
 
+def wan_transformer(**overrides):
+    """diffusers' Wan fast-test transformer (16 latent channels, text of width 32), two blocks."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(**{**dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32), **overrides}).eval()
+
+
+def wan_components(**pipeline):
+    """diffusers' Wan fast-test components: the causal video VAE (3 base channels, 8x in space, 4x in time), the
+    flow-matching scheduler, T5 of width 32."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    return dict(transformer=wan_transformer(), vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+                **t5_parts(), **pipeline)
+
+
+#: 9 frames of 64 x 64: 3 latent frames of a 4 x 4 token grid; CFG as two calls per step.
+WAN_CALL = dict(prompt="a painting of a squirrel", negative_prompt="a cat", height=64, width=64, num_frames=9,
+                guidance_scale=5.0, max_sequence_length=16)
+
+
+def wan():
+    from diffusers import WanPipeline
+
+    return WanPipeline(**wan_components()), dict(WAN_CALL)
+
+
+def wan22():
+    """Wan 2.2 A14B's layout: a second expert for the low-noise steps (t < 900: the last two of four)."""
+    from diffusers import WanPipeline
+
+    torch.manual_seed(1)
+    return WanPipeline(**wan_components(transformer_2=wan_transformer(), boundary_ratio=0.9)), dict(WAN_CALL)
+
+
 def zero123pp():
     from .models.test_zero123pp_pipeline import HEIGHT, VIEW_PX, WIDTH, build_pipeline
 
@@ -286,6 +328,7 @@ PIPELINES = {
     "sdxl": Case(sdxl), "lcm": Case(lcm, guides=False), "animatediff": Case(animatediff), "pixart": Case(pixart),
     "dit": Case(dit), "zero123pp": Case(zero123pp), "sd3": Case(sd3), "sd3-controlnet": Case(sd3_controlnet),
     "flux": Case(flux, guides=False, needs=(0, 35)), "flux-controlnet": Case(flux_controlnet, guides=False, needs=(0, 35)),
+    "wan": Case(wan, needs=(0, 35)), "wan2.2": Case(wan22, needs=(0, 35)),
 }
 
 

@@ -33,6 +33,14 @@ def find_denoiser(model: object) -> tuple[nn.Module, object | None]:
     )
 
 
+def experts_of(model: object) -> list[nn.Module]:
+    """The denoisers a model runs: its denoiser, and beside it a pipeline's second expert (Wan 2.2's
+    ``transformer_2``)."""
+    denoiser, pipeline = find_denoiser(model)
+    second = getattr(pipeline, "transformer_2", None)
+    return [denoiser, second] if isinstance(second, nn.Module) and second is not denoiser else [denoiser]
+
+
 def patches_in(denoiser: nn.Module) -> list[tuple[nn.Module, PatchState]]:
     """``(module, state)`` of every patch at or inside ``denoiser``: a wrapper made around a patched model (Zero123++
     wraps its U-Net inside its first call) holds the patch beneath it."""
@@ -127,8 +135,11 @@ def apply(model: Model, config: MethodConfig, *, on_plan: Callable[[PlanEvent], 
     if pipeline is not None:
         prepare_pipeline(pipeline)
         denoiser, pipeline = find_denoiser(model)
-    refuse_compiled(denoiser, "apply")
     adapter = adapter_for(denoiser)
+    if pipeline is not None:
+        adapter.attach(pipeline)
+    for expert in adapter.experts:
+        refuse_compiled(expert, "apply")
     config = resolve(config, adapter.family)
     adapter.check(config)
     patches = [(target, adapter.submodules(config, target)) for target in adapter.targets(config)]
@@ -143,7 +154,7 @@ def apply(model: Model, config: MethodConfig, *, on_plan: Callable[[PlanEvent], 
         )
     crossattn = is_signal(config.signal, "crossattn")
     if crossattn:
-        adapter.importance_target()  # raises, naming the alternatives, on a model without cross-attention
+        adapter.importance_targets()  # raises, naming the alternatives, on a model without cross-attention
     remove(model)
     state = PatchState(config, adapter, pipeline, on_plan)
     install_denoiser_hooks(state)
@@ -152,7 +163,8 @@ def apply(model: Model, config: MethodConfig, *, on_plan: Callable[[PlanEvent], 
         adapter.make_patch(state, target).install(submodules)
     if crossattn:
         install_crossattn_importance(state, adapter)
-    setattr(denoiser, STATE_ATTR, state)
+    for expert in adapter.experts:
+        setattr(expert, STATE_ATTR, state)
     return model
 
 
@@ -160,10 +172,11 @@ def remove(model: Model) -> Model:
     """Undo :func:`apply`: every hook and all state go; outputs are those of the unpatched model.
 
     A patch beneath the pipeline's denoiser (a wrapper made after patching, or a compiled one) is found there."""
-    denoiser, _ = find_denoiser(model)
-    found = patches_in(denoiser)
+    experts = experts_of(model)
+    found = [patch for expert in experts for patch in patches_in(expert)]
     if found:
-        refuse_compiled(denoiser, "remove")
+        for expert in experts:
+            refuse_compiled(expert, "remove")
     for module, state in found:
         del module.__dict__[STATE_ATTR]
         for handle in state.handles:

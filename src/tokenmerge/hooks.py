@@ -37,7 +37,7 @@ from .arguments import Signature
 from .methods.base import PlanContext
 from .models.base import PatchTarget
 from .plan import DEVICE_RNG, MergePlan
-from .rotary import Rotation
+from .rotary import Rotation, kept_rows
 from .state import PatchState, PlanEvent
 
 #: The skipped-block warning has a logger of its own (under ``tokenmerge``), so it can be silenced alone.
@@ -62,10 +62,14 @@ def is_self_attention(module: torch.nn.Module) -> bool:
 
 
 def install_denoiser_hooks(state: PatchState) -> None:
-    """The hooks of each denoiser call, on the adapter's ``call_site``; a pass the adapter skips (Zero123++'s
+    """The hooks of each denoiser call, on the adapter's ``call_sites``; a pass the adapter skips (Zero123++'s
     reference image) is neither counted nor read."""
+    for site in state.adapter.call_sites:
+        _install_call_hooks(state, site)
+
+
+def _install_call_hooks(state: PatchState, denoiser: torch.nn.Module) -> None:
     adapter = state.adapter
-    denoiser = adapter.call_site
     signature = Signature.of(denoiser)
     latent, timestep = adapter.latent_argument, "timestep"
 
@@ -124,7 +128,8 @@ class BlockPatch:
                 handles.append(module.register_forward_pre_hook(
                     functools.partial(self._merge_rotated, signature), with_kwargs=True))
                 handles.append(module.register_forward_hook(functools.partial(self._after_rotated, not fused)))
-                self._install_rotation(module)
+                if not kind.rotary_per_sample:
+                    self._install_rotation(module)
             elif not is_self_attention(module):
                 handles.append(module.register_forward_pre_hook(functools.partial(self._merge, signature),
                                                                 with_kwargs=True))
@@ -219,27 +224,42 @@ class BlockPatch:
             if key is not None:
                 state.shared_plans[key] = held
             return held
-        grid = state.adapter.grid(state.latent_hw, self.target, tokens)
-        guided = state.guided
-        groups = batch // guided.parts if guided is not None else batch
-        ctx = PlanContext(
-            grid=grid,
-            generator=DEVICE_RNG if config.uses_rng else None,
-            guided=guided,
-            prune_phase=state.prune_phase,
-            importance=state.importance_on_grid(grid, groups) if state.uses_importance else None,
-            block=self.target.name,
-            level=self.target.level,
-            stage=self.target.stage,
-            bottleneck=self.target.bottleneck,
-        )
         with torch.no_grad():
-            plan = config.make_plan(x.detach(), ctx)
+            plan, ctx = self._new_plan(x.detach())
         if key is not None:
             state.shared_plans[key] = (plan, ctx)
         if config.hold_steps > 1:
             state.hold_plan(hold_key, plan, ctx, (batch, tokens))
         return plan, ctx
+
+    def _new_plan(self, x: torch.Tensor) -> tuple[MergePlan, PlanContext]:
+        """A plan made by the method from the block input ``x``; a video's ``frames x H x W`` tokens are planned per
+        frame or group of frames (:mod:`tokenmerge.frames`), reported on the frames stacked."""
+        state, config = self.state, self.state.config
+        batch, tokens, _ = x.shape
+        grid = state.adapter.grid(state.latent_hw, self.target, tokens)
+        groups = batch // state.guided.parts if state.guided is not None else batch
+        layout = state.adapter.frame_layout(grid, tokens, config)
+        if layout is None:
+            ctx = self._context(grid, state.importance_on_grid(grid, groups) if state.uses_importance else None)
+            return config.make_plan(x, ctx), ctx
+        importance = None
+        if state.uses_importance:
+            importance = state.importance_on_grid(grid, groups * layout.frames)
+            importance = None if importance is None else importance.reshape(groups, -1, 1)
+
+        def plan_part(folded: torch.Tensor, part) -> MergePlan:
+            part_importance = None if importance is None else layout.fold(importance, part)[..., 0]
+            return config.make_plan(folded, self._context(layout.grid(part), part_importance))
+
+        stacked = (layout.frames * grid[0], grid[1])
+        return layout.plan(x, plan_part), self._context(stacked, None if importance is None else importance[..., 0])
+
+    def _context(self, grid: tuple[int, int], importance: torch.Tensor | None) -> PlanContext:
+        state, target = self.state, self.target
+        return PlanContext(grid=grid, generator=DEVICE_RNG if state.config.uses_rng else None, guided=state.guided,
+                           prune_phase=state.prune_phase, importance=importance, block=target.name,
+                           level=target.level, stage=target.stage, bottleneck=target.bottleneck)
 
     def _report(self, ctx: PlanContext) -> None:
         on_plan = self.state.on_plan
@@ -309,7 +329,7 @@ class BlockPatch:
         return torch.cat([y[:, : self.text_len], self.plan.unmerge(y[:, self.text_len:])], dim=1)
 
     def _merge_rotated(self, signature, module, args, kwargs):
-        """An attention with rotary positions (FLUX): image tokens merged, the kept tokens' rows rotate them."""
+        """An attention with rotary positions (FLUX, Wan): image tokens merged, the kept tokens' rows rotate them."""
         self.rotation = None
         if self.plan is None:
             return None
@@ -323,7 +343,9 @@ class BlockPatch:
         freqs = signature.read(args, kwargs, rotary)
         context = signature.read(args, kwargs, "encoder_hidden_states")
         args, kwargs = self._merge(signature, module, args, kwargs)
-        if freqs is not None:
+        if freqs is not None and self.target.kind.rotary_per_sample:  # Wan: the processor takes the kept rows
+            args, kwargs = signature.replace(args, kwargs, rotary, kept_rows(freqs, self.plan))
+        elif freqs is not None:
             text = context.shape[1] if context is not None else self.text_len
             self.rotation = Rotation.of_kept(freqs, self.plan, text)
             args, kwargs = signature.replace(args, kwargs, rotary, None)

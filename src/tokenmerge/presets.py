@@ -54,6 +54,10 @@ PRESETS: dict[str, dict[str, dict[str, object]]] = {
     # The same measurement and the same joint attention (FluxAttnProcessor); no CFG batch: importance from the joint
     # attention's share of the text.
     "flux": {"*": {"layers": (0.0, 1.0), "proportional_attention": False}, "importance": {"importance": "crossattn"}},
+    # The paper's video settings (AnimateDiff: pool 0.8, pruning in the first 4 of 30 steps), spatial per frame;
+    # every block's self-attention; one key per slot (WanAttnProcessor passes the mask unshaped).
+    "wan": {"*": {"layers": (0.0, 1.0), "proportional_attention": False},
+            "importance": {"pool": 0.8, "prune_steps": 4 / 30}},
 }
 
 

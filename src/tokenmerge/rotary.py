@@ -1,4 +1,4 @@
-"""Rotary positions of merged tokens (FLUX): every kept token is rotated by its own row, never by an average.
+"""Rotary positions of merged tokens (FLUX, Wan): every kept token is rotated by its own row, never by an average.
 
 FLUX's attention processor rotates the queries and keys of ``[text; image]`` by ``image_rotary_emb = (cos, sin)``,
 one ``(D,)`` row per token, shared by the batch (``(T + N, D)``). A plan keeps other tokens in each sample, so the
@@ -7,6 +7,9 @@ A merged call therefore gets no rotary argument, and forward hooks on the attent
 last step before it rotates) rotate their outputs by the kept tokens' rows, with ``apply_rotary_emb``'s arithmetic:
 a slot stands at its kept token's position (a merged slot at its destination's; averaging cos and sin would not be
 a rotation). Rotating text and image apart before the processor joins them equals rotating the joined sequence.
+
+Wan's processor broadcasts its rows ``(1, N, 1, D)`` against the queries ``(B, N, heads, D)``, so per-sample rows
+``(B, M, 1, D)`` pass through it as they are: a merged call is given the kept tokens' rows (:func:`kept_rows`).
 """
 
 from __future__ import annotations
@@ -63,3 +66,15 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
     turned = torch.stack([-imag, real], dim=-1).flatten(3)
     return (x.float() * cos + turned.float() * sin).to(x.dtype)
+
+
+def kept_rows(freqs: object, plan: MergePlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wan's ``(cos, sin)``, each ``(1, N, 1, D)``, at the plan's kept tokens: ``(B, M, 1, D)`` each."""
+    if not (isinstance(freqs, (tuple, list)) and len(freqs) == 2 and freqs[0].ndim == 4
+            and freqs[0].shape[:3] == (1, plan.num_tokens, 1)):
+        shape = tuple(freqs[0].shape) if isinstance(freqs, (tuple, list)) else type(freqs).__name__
+        raise ValueError(
+            f"tokenmerge: merging Wan needs its rotary embedding as (cos, sin) rows of shape (1, {plan.num_tokens}, 1, "
+            f"D), as diffusers >= 0.35 passes it; got {shape}"
+        )
+    return tuple(part[0, :, 0][plan.kept][:, :, None] for part in freqs)

@@ -95,10 +95,42 @@ def joint_text_map(attn, hidden_states: torch.Tensor, context: torch.Tensor, rot
     return mass.float().mean(dim=1)
 
 
+def wan_text_map(attn, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """``(B, N)``: per query token, the head-averaged attention mass of Wan's text cross-attention (``WanAttention``,
+    q/k RMS norms across heads) on the prompt's words.
+
+    UMT5 has no start token to leave out; ``WanPipeline`` pads the prompt to 512 tokens with zeros, which the text
+    projection turns into one repeated row, so the padding is the keys whose rows equal the last one (only the last
+    key, for a prompt of the full length). The image tokens of the image-to-video models (the context's rows before
+    the last 512) are not text and are left out, as the processor attends them apart.
+    """
+    if getattr(attn, "add_k_proj", None) is not None:
+        context = context[:, context.shape[1] - 512:]
+    query = attn.norm_q(attn.to_q(hidden_states)).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+    key = attn.norm_k(attn.to_k(context)).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+    words = (context != context[:, -1:]).any(dim=-1)  # (B, T): not padding
+    marks = query.new_zeros(*key.shape)
+    marks[..., 0] = words[:, None].to(query.dtype)
+    mass = F.scaled_dot_product_attention(query, key, marks)[..., 0]
+    return mass.float().mean(dim=1)
+
+
+def is_wan_attention(module: torch.nn.Module) -> bool:
+    try:
+        from diffusers.models.transformers.transformer_wan import WanAttention
+    except ImportError:
+        return False
+    return isinstance(module, WanAttention)
+
+
 def install_crossattn_importance(state, adapter) -> None:
-    """Hook the final cross-attention block (a joint attention's, where the family has no cross-attention) so that
-    each call leaves its map in ``state.importance``."""
-    target = adapter.importance_target()
+    """Hook the final cross-attention block (a joint attention's, where the family has no cross-attention; each
+    expert's, on Wan 2.2) so that each call leaves its map in ``state.importance``."""
+    for target in adapter.importance_targets():
+        _install_map(state, adapter, target)
+
+
+def _install_map(state, adapter, target) -> None:
     joint = target.kind.cross_attention is None
     attn = target.part(target.kind.self_attention if joint else target.kind.cross_attention)
     signature = Signature.of(attn)
@@ -115,6 +147,8 @@ def install_crossattn_importance(state, adapter) -> None:
             if joint:
                 rotary = signature.read(args, kwargs, target.kind.rotary) if target.kind.rotary else None
                 scores = joint_text_map(module, hidden, context, rotary)
+            elif is_wan_attention(module):
+                scores = wan_text_map(module, hidden, context)
             else:
                 scores = crossattn_map(module, hidden, context, signature.read(args, kwargs, "attention_mask"))
         if state.guided is not None:

@@ -272,12 +272,13 @@ class PatchState:
     def _guided_batch(self, sample: torch.Tensor, new_run: bool) -> GuidedBatch | None:
         """The call's guidance layout, or None when every row of the batch is an image of its own.
 
-        Read from the pipeline where it says it: PAG's ``do_perturbed_attention_guidance`` (``[uncond; cond;
+        A family whose pipelines never batch CFG (``Adapter.guided``: FLUX and Wan run it as two calls, a consistency
+        model not at all) has none. Else it is read from the pipeline where it says it: PAG's ``do_perturbed_attention_guidance`` (``[uncond; cond;
         perturbed]``, or ``[cond; perturbed]`` without CFG), InstructPix2Pix by its class (three parts),
         ``do_classifier_free_guidance`` (SD, SDXL, AnimateDiff, LCM). PixArt's and DiT's pipelines keep the CFG
         switch in a local variable but feed CFG the latent twice (``[latents] * 2``): there the halves are compared
         once per run (one device-to-host read per generation, none per step). A bare denoiser has no pipeline to ask:
-        an even batch is taken for a CFG pair, except in a family whose pipelines never batch CFG (``Adapter.guided``).
+        an even batch is taken for a CFG pair.
         A batch that is not a whole number of the layout's parts (a call the pipeline's loop did not make) is planned
         row by row, and importance from CFG then raises, naming the layout.
         """
@@ -286,13 +287,15 @@ class PatchState:
         pipe = self.pipeline() if self.pipeline is not None else None
         cfg_flag, pag_flag = pipeline_flag(pipe, "do_classifier_free_guidance"), pipeline_flag(
             pipe, "do_perturbed_attention_guidance")
-        if pag_flag:
+        if not self.adapter.guided:  # a family whose pipelines never batch CFG (FLUX, Wan: two calls; LCM: none)
+            layout = None
+        elif pag_flag:
             layout = PAG_CFG if cfg_flag else PAG
         elif cfg_flag and is_instruct_pix2pix(pipe):
             layout = INSTRUCT_PIX2PIX
         elif cfg_flag is not None:
             layout = cfg if cfg_flag else None
-        elif batch % 2 or not self.adapter.guided:  # a family that never batches CFG (FLUX, LCM) unless it says so
+        elif batch % 2:
             layout = None
         elif pipe is None:
             layout = cfg

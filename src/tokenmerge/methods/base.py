@@ -155,6 +155,10 @@ class MethodConfig:
         temporal_ratio: for video U-Nets (AnimateDiff): fraction of the frames merged in the temporal
             (motion-module) attention, in ``[0, 0.5]``; 0 (default) leaves them alone, as merging in time
             reduces motion. Raises on models without temporal layers.
+        frames_per_cell: for video transformers (Wan), whose one sequence holds every frame: 1 (default) plans
+            each frame on its own grid (spatial merging per frame); ``k > 1`` plans ``k`` consecutive frames
+            together, with merge cells that span two frames (spatio-temporal merging, :mod:`tokenmerge.frames`).
+            Raises on other models.
         plan_every: build each block's plan (each level's, with ``share_plan="level"``) at every
             ``plan_every``-th denoiser step of a run and reuse it for the steps in between; 1 (default, the
             papers'): a new plan at every step. A plan is rebuilt early when the block's batch or token count or
@@ -192,6 +196,7 @@ class MethodConfig:
     share_plan: str = field(default="block", kw_only=True)
     layers: tuple[float, float] | None = field(default=None, kw_only=True)
     temporal_ratio: float = field(default=0.0, kw_only=True)
+    frames_per_cell: int = field(default=1, kw_only=True)
     plan_every: int = field(default=1, kw_only=True)
     proportional_attention: bool = field(default=False, kw_only=True)
     merge_queries: bool = field(default=True, kw_only=True)
@@ -330,6 +335,12 @@ class MethodConfig:
             raise ValueError(f"{type(self).__name__}.seed must be an int or None, got {self.seed!r}")
         _validate_layers(self)
         check_range(self, "temporal_ratio", self.temporal_ratio, 0.0, MAX_TEMPORAL_RATIO)
+        frames = self.frames_per_cell
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise ValueError(
+                f"{type(self).__name__}.frames_per_cell must be an int >= 1 (1: each video frame merged on its own "
+                f"grid; k: k consecutive frames planned together), got {frames!r}"
+            )
         every = self.plan_every
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(

@@ -18,9 +18,11 @@ def adapters() -> tuple[type[Adapter], ...]:
     from .sd3 import SD3Adapter
     from .transformer import DiTAdapter, PixArtAdapter
     from .unet import UNetAdapter
+    from .wan import WanAdapter
     from .zero123pp import Zero123PlusAdapter
 
-    return (AnimateDiffAdapter, Zero123PlusAdapter, UNetAdapter, PixArtAdapter, DiTAdapter, SD3Adapter, FluxAdapter)
+    return (AnimateDiffAdapter, Zero123PlusAdapter, UNetAdapter, PixArtAdapter, DiTAdapter, SD3Adapter, FluxAdapter,
+            WanAdapter)
 
 
 def adapter_for(denoiser: nn.Module) -> Adapter:

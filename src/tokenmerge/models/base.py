@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..frames import FrameLayout
 from .blocks import BlockKind
 
 
@@ -82,6 +83,8 @@ class Adapter:
     latent_argument = "sample"
     #: Whether the family's pipelines batch classifier-free guidance (example inputs hold ``2 x images``).
     guided = True
+    #: Whether the denoiser's token sequence holds every frame of a video (Wan: :meth:`frame_layout`).
+    holds_frames = False
     #: Prompt length of the family's text encoder, for example inputs (CLIP: 77).
     text_tokens = 77
     #: Tiny random-weight models of the family for tests and ``bench --tiny``: name -> diffusers config, with its
@@ -90,6 +93,8 @@ class Adapter:
 
     def __init__(self, denoiser: nn.Module) -> None:
         self.denoiser = denoiser
+        #: The denoisers the patch covers (Wan 2.2: both experts), each holding the patch's state.
+        self.experts: tuple[nn.Module, ...] = (denoiser,)
 
     @staticmethod
     def handles(denoiser: nn.Module) -> bool:  # pragma: no cover
@@ -113,6 +118,12 @@ class Adapter:
                 f"tokenmerge: {type(config).__name__}.temporal_ratio={config.temporal_ratio} merges frames in the "
                 f"temporal layers of a video model, but {type(self.denoiser).__name__} has none; leave it at 0"
             )
+        if config.frames_per_cell != 1 and not self.holds_frames:
+            raise ValueError(
+                f"tokenmerge: {type(config).__name__}.frames_per_cell={config.frames_per_cell} groups the frames of a "
+                f"video transformer (Wan), but {type(self.denoiser).__name__} holds no frames in its token sequence; "
+                "leave it at 1"
+            )
 
     @staticmethod
     def prepare_pipeline(pipeline: object) -> None:
@@ -124,6 +135,14 @@ class Adapter:
         """The module one call of which is one denoiser call: the hooks that count steps and read the prediction go
         there (the denoiser, or the model inside a wrapper that does work of its own around it)."""
         return self.denoiser
+
+    @property
+    def call_sites(self) -> tuple[nn.Module, ...]:
+        """Every module a call of which is one denoiser call (Wan 2.2: both experts)."""
+        return (self.call_site,)
+
+    def attach(self, pipeline: object) -> None:
+        """Learn what the pipeline runs beside the denoiser (Wan 2.2's second expert, ``transformer_2``)."""
 
     def install(self, state) -> None:
         """Hooks of the family's own, beyond the blocks' (their handles go to ``state.handles``)."""
@@ -138,6 +157,11 @@ class Adapter:
 
         return BlockPatch(state, target)
 
+    def frame_layout(self, grid: tuple[int, int], tokens: int, config) -> FrameLayout | None:
+        """How a block's ``tokens`` hold video frames on ``grid`` (:mod:`tokenmerge.frames`); None: each batch row is
+        one image's grid."""
+        return None
+
     def latent_size(self, sample: torch.Tensor, read: Callable[[str], object]) -> tuple[int, int]:
         """``(H, W)`` of the call's latent ``sample`` (``read(name)``: another argument of the call)."""
         return tuple(sample.shape[-2:])
@@ -146,6 +170,10 @@ class Adapter:
         """True for a call of :attr:`call_site` that is neither merged nor counted as a step (Zero123++'s reference
         image, SD3's layer-skipping guidance call); ``read(name)`` is the call's argument ``name`` (or None)."""
         return False
+
+    def importance_targets(self) -> list[PatchTarget]:
+        """The blocks whose attention maps are ``importance="crossattn"``: one (per expert, on Wan 2.2)."""
+        return [self.importance_target()]
 
     def importance_target(self) -> PatchTarget:
         """The final transformer block with cross-attention, whose map is ``importance="crossattn"``."""

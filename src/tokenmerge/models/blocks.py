@@ -35,6 +35,8 @@ class BlockKind:
             ``proj_out``): when both are merged, their outputs stay merged and this one's output is unmerged.
         rotary: the attention argument with the rotary ``(cos, sin)`` rows of ``[text; image]`` (FLUX's
             ``image_rotary_emb``): a merged call rotates each kept token by its own row (:mod:`tokenmerge.rotary`).
+        rotary_per_sample: the processor broadcasts rows per sample (Wan's ``rotary_emb``): a merged call is given
+            the kept tokens' rows; False (FLUX): it gets none, and its q/k norms' outputs are rotated.
 
     A self-attention that is joint (called with the text as ``encoder_hidden_states``, attending ``[image; text]``
     in one softmax and returning ``(image, text)``: SD3's ``attn``) has only its image tokens merged; the text
@@ -49,6 +51,7 @@ class BlockKind:
     text_first: str | None = None
     fused_out: str | None = None
     rotary: str | None = None
+    rotary_per_sample: bool = False
 
     def parts(self, merge_attn: bool, merge_crossattn: bool, merge_mlp: bool) -> tuple[str, ...]:
         """The attribute names of the parts to merge around, in call order."""
@@ -80,6 +83,14 @@ def _load_builtins() -> None:
     # MLP, ff_context, is never merged).
     _REGISTRY.setdefault(JointTransformerBlock, BlockKind(self_attention="attn", cross_attention=None,
                                                           dual_attention="attn2"))
+    try:  # Wan 2.1 / 2.2 (diffusers >= 0.35: WanAttention, rotary rows as (cos, sin))
+        from diffusers.models.transformers.transformer_wan import WanAttention, WanTransformerBlock
+    except ImportError:
+        pass
+    else:
+        del WanAttention
+        # Self-attention over every frame's tokens with 3-D rotary rows, cross-attention to the text, the MLP.
+        _REGISTRY.setdefault(WanTransformerBlock, BlockKind(mlp="ffn", rotary="rotary_emb", rotary_per_sample=True))
     try:  # FLUX.1 (diffusers >= 0.35: single-stream blocks take the text apart, FluxAttention)
         from diffusers.models.transformers.transformer_flux import (
             FluxAttention, FluxSingleTransformerBlock, FluxTransformerBlock)
