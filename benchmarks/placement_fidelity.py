@@ -3,7 +3,8 @@ a family's architecture at its full block count but a narrow width (random weigh
 grid. A proxy where no trained weights can be loaded: it says how far merging moves the output of a deep stack of
 this family's blocks, not how an image changes; read it beside placement_flops.py.
 
-    python benchmarks/placement_fidelity.py --model flux1dev --width 64 --size 1024
+    python benchmarks/placement_fidelity.py --model flux1dev --size 1024
+    python benchmarks/placement_fidelity.py --model wan21 --size 240x416
 """
 
 from __future__ import annotations
@@ -19,12 +20,18 @@ from tokenmerge.tools.tiny import build_denoiser
 
 from placement_flops import PLACEMENTS
 
+
+def parse_size(text: str) -> int | tuple[int, int]:
+    height, _, width = text.partition("x")
+    return (int(height), int(width)) if width else int(height)
+
 #: The config fields that set a transformer's width, per class: (heads, head dim, text width, pooled width).
 NARROW = {
     "FluxTransformer2DModel": dict(num_attention_heads=4, attention_head_dim=16, joint_attention_dim=64,
                                    pooled_projection_dim=64, axes_dims_rope=(4, 6, 6)),
     "SD3Transformer2DModel": dict(num_attention_heads=4, attention_head_dim=16, joint_attention_dim=64,
                                   caption_projection_dim=64, pooled_projection_dim=64),
+    "WanTransformer3DModel": dict(num_attention_heads=4, attention_head_dim=16, text_dim=64, ffn_dim=384),
 }
 
 
@@ -32,7 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="flux1dev")
     parser.add_argument("--ratios", default="0.5,0.75")
-    parser.add_argument("--size", type=int, default=512, help="pixels (the token grid of this size)")
+    parser.add_argument("--size", type=parse_size, default=512, help="pixels, N or HxW (the token grid of this size)")
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
     config = bench.model_config(args.model)
@@ -58,7 +65,7 @@ def main() -> None:
                         error = ((out - reference).norm() / reference.norm()).item()
                         rows.setdefault(layers, {}).setdefault((merge_mlp, ratio), []).append(error)
     print(f"{args.model} ({config['_class_name']}, full depth, width 64, random weights, {args.seeds} seeds) at "
-          f"{args.size} px: relative error of one ToMe step, mean over seeds")
+          f"{bench.size_label(args.size)} px: relative error of one ToMe step, mean over seeds")
     header = [f"attention {r:g}" for r in ratios] + [f"+ merge_mlp {r:g}" for r in ratios]
     print("| layers | " + " | ".join(header) + " |")
     print("| --- |" + " --- |" * len(header))

@@ -12,6 +12,7 @@ import torch
 import tokenmerge
 from tokenmerge import ImportanceMerge, ToMe
 from tokenmerge.frames import FrameLayout
+from tokenmerge.models import tiny_configs
 from tokenmerge.plan import MergePlan
 from tokenmerge.signals import wan_text_map
 from tokenmerge.tools.tiny import tiny_denoiser
@@ -286,3 +287,27 @@ def test_wan22_patches_both_experts_on_one_clock_and_remove_restores_both():
     torch.manual_seed(0)
     assert torch.equal(pipe(**call_kwargs, generator=torch.Generator().manual_seed(0)).frames, unpatched)
     assert no_hooks_left(pipe.transformer) and no_hooks_left(pipe.transformer_2)
+
+
+def test_image_to_video_attends_the_image_tokens_with_merged_queries():
+    """Wan I2V's cross-attention adds CLIP image tokens to its keys (processed apart, from the same queries):
+    merged queries run both, ratio 0 is bit-identical and the map reads the text part only."""
+    torch.manual_seed(0)
+    config = {k: v for k, v in tiny_configs()["wan"].items() if not k.startswith("_")}
+    model = diffusers.WanTransformer3DModel(**config, image_dim=8, added_kv_proj_dim=24).eval()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, FRAMES, 2 * ROWS, 2 * COLS, generator=gen)
+    kwargs = dict(timestep=torch.tensor([500.0]), encoder_hidden_states=torch.randn(1, 512, 16, generator=gen),
+                  encoder_hidden_states_image=torch.randn(1, 3, 8, generator=gen))
+    with torch.no_grad():
+        unpatched = model(x, **kwargs).sample
+        with tokenmerge.patched(model, ToMe(ratio=0.0)):
+            assert torch.equal(model(x, **kwargs).sample, unpatched)
+        events = []
+        config = ImportanceMerge(ratio=0.5, min_tokens=0, seed=0, importance="crossattn", merge_crossattn=True)
+        with tokenmerge.patched(model, config, on_plan=events.append):
+            for t in (900.0, 800.0):
+                merged = model(x, **{**kwargs, "timestep": torch.tensor([t])}).sample
+    assert torch.isfinite(merged).all() and not torch.allclose(merged, unpatched, atol=1e-5)
+    assert events[-1].importance is not None and events[-1].importance.shape == (1, FRAMES * ROWS * COLS)
+

@@ -93,8 +93,6 @@ class Adapter:
 
     def __init__(self, denoiser: nn.Module) -> None:
         self.denoiser = denoiser
-        #: The denoisers the patch covers (Wan 2.2: both experts), each holding the patch's state.
-        self.experts: tuple[nn.Module, ...] = (denoiser,)
 
     @staticmethod
     def handles(denoiser: nn.Module) -> bool:  # pragma: no cover
@@ -135,6 +133,11 @@ class Adapter:
         """The module one call of which is one denoiser call: the hooks that count steps and read the prediction go
         there (the denoiser, or the model inside a wrapper that does work of its own around it)."""
         return self.denoiser
+
+    @property
+    def experts(self) -> tuple[nn.Module, ...]:
+        """The denoisers the patch covers (Wan 2.2: both experts), each holding the patch's state."""
+        return (self.denoiser,)
 
     @property
     def call_sites(self) -> tuple[nn.Module, ...]:

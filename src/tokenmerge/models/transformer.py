@@ -43,7 +43,8 @@ class TransformerAdapter(Adapter):
     def handles(cls, denoiser: nn.Module) -> bool:
         import diffusers
 
-        return isinstance(denoiser, getattr(diffusers, cls.class_name))
+        model_class = getattr(diffusers, cls.class_name, None)  # None: a family newer than the installed diffusers
+        return model_class is not None and isinstance(denoiser, model_class)
 
     def all_targets(self) -> list[PatchTarget]:
         return [PatchTarget(name, block, 0, kind=kind)

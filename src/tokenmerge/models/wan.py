@@ -53,6 +53,7 @@ class WanAdapter(TransformerAdapter):
         super().__init__(denoiser)
         self.patch_size = tuple(denoiser.config.patch_size)  # (frames, height, width)
         self.importance_channels = slice(None)
+        self.second_expert: nn.Module | None = None  # Wan 2.2's transformer_2
         self.frames = 1  # latent frames of the current call, per patch of time
 
     def attach(self, pipeline: object) -> None:
@@ -63,7 +64,11 @@ class WanAdapter(TransformerAdapter):
                     f"tokenmerge: the pipeline's second expert (transformer_2: {type(second).__name__}) is not a "
                     f"{type(self.denoiser).__name__} of the same patch size: its steps would run unmerged"
                 )
-            self.experts = (self.denoiser, second)
+            self.second_expert = second
+
+    @property
+    def experts(self) -> tuple[nn.Module, ...]:
+        return (self.denoiser,) if self.second_expert is None else (self.denoiser, self.second_expert)
 
     @property
     def call_sites(self) -> tuple[nn.Module, ...]:

@@ -31,6 +31,7 @@ MODELS = {
     "zero123pp": ModelSpec("Zero123++ (SD 2)", "zero123pp_unet.json", "zero123pp", ((960, 640),)),
     "sd35m": ModelSpec("SD3.5 Medium", "sd35_medium_transformer.json", "sd35", (1024,)),
     "flux1dev": ModelSpec("FLUX.1-dev", "flux1_dev_transformer.json", "flux", (1024,)),
+    "wan21": ModelSpec("Wan 2.1 T2V 1.3B (81 frames)", "wan21_t2v_1_3b_transformer.json", "wan", ((480, 832),)),
 }
 
 TINY_SIZE = 128  # the tiny configs' sample_size (16) x 8
