@@ -62,11 +62,14 @@ def test_unknown_family_lists_the_known_ones():
         presets.preset("kandinsky", ToMe)
 
 
-def test_joint_attention_families_merge_every_block_with_one_key_per_slot():
-    """SD3 and FLUX: every block's attention (the measured placement, docs/models.md), no size bias (their joint
-    attention takes no mask); FLUX's ImportanceMerge reads the joint map (no CFG batch)."""
-    for family in ("sd3", "flux"):
+def test_the_new_transformer_families_merge_every_block_with_one_key_per_slot():
+    """SD3, FLUX and Wan: every block's attention (the measured placement, docs/models.md), no size bias (their
+    processors take no usable mask); FLUX's ImportanceMerge reads the joint map (no CFG batch); Wan's takes the
+    paper's video settings, per frame."""
+    for family in ("sd3", "flux", "wan"):
         config = presets.resolve(ToMe(ratio=0.5), family)
         assert (config.layers, config.proportional_attention, config.merge_mlp) == ((0.0, 1.0), False, False)
     assert presets.resolve(ImportanceMerge(ratio=0.5), "flux").importance == "crossattn"
     assert presets.resolve(ImportanceMerge(ratio=0.5), "sd3").importance == "cfg"
+    wan = presets.resolve(ImportanceMerge(ratio=0.5), "wan")
+    assert (wan.importance, wan.pool, wan.prune_steps, wan.frames_per_cell) == ("cfg", 0.8, 4 / 30, 1)

@@ -86,8 +86,9 @@ class FrameLayout:
         tokens = self.frames * self.height * self.width
         dst_total = sum(part.groups * plan.num_dst for part, plan in planned)
         assign = torch.empty(batch, tokens, dtype=torch.long, device=device)
-        first = planned[0][1]
-        weight = None if first.merge_weight is None else first.merge_weight.new_empty(batch, tokens)  # ReToM's alpha
+        prune = any(plan.prune for _, plan in planned)
+        weighted = [plan.merge_weight for _, plan in planned if plan.merge_weight is not None]  # ReToM's alpha
+        weight = weighted[0].new_empty(batch, tokens) if weighted and not prune else None
         dst, ind = [], []
         dst_at, ind_at = 0, dst_total
         for part, plan in planned:
@@ -101,11 +102,13 @@ class FrameLayout:
             local = plan.assign.reshape(batch, groups, -1)
             assign.scatter_(1, positions.reshape(1, -1).expand(batch, -1),
                             slots.expand(batch, -1, -1).gather(2, local).reshape(batch, -1))
-            if weight is not None:
-                weight.scatter_(1, positions.reshape(1, -1).expand(batch, -1), plan.merge_weight.reshape(batch, -1))
+            if weight is not None:  # a part's plain mean, as weights: 1 / its slot's members
+                own = plan.merge_weight if plan.merge_weight is not None else plan.sizes().gather(
+                    1, plan.assign).reciprocal().reshape(-1, 1)
+                weight.scatter_(1, positions.reshape(1, -1).expand(batch, -1), own.reshape(batch, -1).to(weight.dtype))
             dst_at += groups * d
             ind_at += groups * (kept - d)
-        return MergePlan(kept=torch.cat(dst + ind, dim=1), assign=assign, num_dst=dst_total, prune=first.prune,
+        return MergePlan(kept=torch.cat(dst + ind, dim=1), assign=assign, num_dst=dst_total, prune=prune,
                          merge_weight=None if weight is None else weight.reshape(-1, 1))
 
 

@@ -239,7 +239,7 @@ class BlockPatch:
         batch, tokens, _ = x.shape
         grid = state.adapter.grid(state.latent_hw, self.target, tokens)
         groups = batch // state.guided.parts if state.guided is not None else batch
-        layout = state.adapter.frame_layout(grid, tokens, config)
+        layout = state.adapter.frame_layout(grid, config)
         if layout is None:
             ctx = self._context(grid, state.importance_on_grid(grid, groups) if state.uses_importance else None)
             return config.make_plan(x, ctx), ctx

@@ -24,6 +24,8 @@ sd3            not in the paper: every block's attention (measured FLOPs and one
                key per merged slot (``proportional_attention=False``: the joint attention takes no mask)
 flux           not in the paper: every block's attention in both streams (the same measurement), one key per slot;
                ImportanceMerge: ``importance="crossattn"`` from the joint attention (guidance-distilled: no CFG batch)
+wan            every block's self-attention (the same measurement), each frame on its own grid, one key per slot;
+               ImportanceMerge: the paper's video settings (AnimateDiff's): ``pool=0.8``, pruning in the first 4/30
 =============  =========================================================================================
 """
 
@@ -54,8 +56,9 @@ PRESETS: dict[str, dict[str, dict[str, object]]] = {
     # The same measurement and the same joint attention (FluxAttnProcessor); no CFG batch: importance from the joint
     # attention's share of the text.
     "flux": {"*": {"layers": (0.0, 1.0), "proportional_attention": False}, "importance": {"importance": "crossattn"}},
-    # The paper's video settings (AnimateDiff: pool 0.8, pruning in the first 4 of 30 steps), spatial per frame;
-    # every block's self-attention; one key per slot (WanAttnProcessor passes the mask unshaped).
+    # Every block's self-attention (measured as SD3's and FLUX's), per frame; the paper's video settings for
+    # ImportanceMerge (AnimateDiff: pool 0.8, pruning in the first 4 of 30 steps); one key per slot
+    # (WanAttnProcessor passes the mask unshaped).
     "wan": {"*": {"layers": (0.0, 1.0), "proportional_attention": False},
             "importance": {"pool": 0.8, "prune_steps": 4 / 30}},
 }

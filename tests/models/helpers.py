@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -9,6 +10,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 import tokenmerge
 from tokenmerge.methods import METHODS
+from tokenmerge.plan import MergePlan
 
 #: One config of every registered method, seeded, at a ratio each accepts.
 EVERY_METHOD = [method(ratio=0.5, seed=0) for method in METHODS.values()]
@@ -17,6 +19,18 @@ METHOD_IDS = list(METHODS)
 ATTENTION_MODES = [dict(proportional_attention=True), dict(merge_queries=False, proportional_attention=True),
                    dict(proportional_attention=True, bias_via="channel")]
 ATTENTION_IDS = ["size-aware", "kv-only-size-aware", "channel"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Shuffle(tokenmerge.ToMe):
+    """Keeps every token of what it plans, in a random order per row: attention is permutation-equivariant when
+    each token carries its own position, so the output must not move (up to float summation order)."""
+
+    def make_plan(self, x, ctx):
+        batch, tokens, _ = x.shape
+        kept = torch.stack([torch.randperm(tokens, generator=torch.Generator().manual_seed(b)) for b in range(batch)])
+        assign = torch.empty_like(kept).scatter_(1, kept, torch.arange(tokens).expand(batch, -1))
+        return MergePlan(kept=kept, assign=assign, num_dst=tokens)
 
 
 class CountingProcessor(AttnProcessor2_0):

@@ -3,7 +3,6 @@ rotated by its own rotary row; importance from the joint attention's text share;
 
 from __future__ import annotations
 
-import dataclasses
 
 import diffusers
 import pytest
@@ -17,6 +16,7 @@ from tokenmerge.rotary import Rotation
 from tokenmerge.signals import joint_text_map
 from tokenmerge.tools.tiny import tiny_denoiser
 
+from .helpers import Shuffle
 from .kit import FamilyConformance
 
 HAS_FLUX = tuple(int(part) for part in diffusers.__version__.split(".")[:2]) >= (0, 35)
@@ -116,18 +116,6 @@ def test_kept_tokens_are_rotated_by_their_own_rows():
     assert torch.equal(rotation.apply(picked), expected)  # single stream: [text; kept image]
     assert torch.equal(rotation.apply(picked[:, TEXT:]), expected[:, TEXT:])  # double stream: the image part
     assert torch.equal(rotation.apply(picked[:, :TEXT], text_only=True), expected[:, :TEXT])
-
-
-@dataclasses.dataclass(frozen=True)
-class Shuffle(ToMe):
-    """Keeps every token, in a random order per sample: attention is permutation-equivariant when each token
-    carries its own position, so the output must not move (up to float summation order)."""
-
-    def make_plan(self, x, ctx):
-        batch, tokens, _ = x.shape
-        kept = torch.stack([torch.randperm(tokens, generator=torch.Generator().manual_seed(b)) for b in range(batch)])
-        assign = torch.empty_like(kept).scatter_(1, kept, torch.arange(tokens).expand(batch, -1))
-        return MergePlan(kept=kept, assign=assign, num_dst=tokens)
 
 
 def test_tokens_in_another_order_keep_their_positions_through_the_whole_model():

@@ -13,6 +13,7 @@ import tokenmerge
 from tokenmerge import ImportanceMerge, ToMe
 from tokenmerge.tools.tiny import tiny_denoiser
 
+from .helpers import Shuffle
 from .kit import FamilyConformance
 
 LATENT = 16  # an 8 x 8 patch grid (patch size 2)
@@ -165,3 +166,40 @@ def test_crossattn_importance_is_the_last_joint_attention_share_of_the_text():
         call(model, t=800)
     assert all(e.importance is None for e in events if e.step == 0)
     assert all(e.importance is not None and e.importance.shape == (1, 64) for e in events if e.step == 1)
+
+
+@pytest.mark.skipif(not hasattr(diffusers.models.attention_processor, "SD3IPAdapterJointAttnProcessor2_0"),
+                    reason=f"SD3's IP-Adapter needs diffusers >= 0.32 ({diffusers.__version__})")
+def test_the_ip_adapter_attends_merged_queries_to_merged_image_keys():
+    """SD3's IP-Adapter (SD3IPAdapterJointAttnProcessor2_0) attends the image queries to the image keys and the
+    adapter's tokens, inside the joint attention: merged, both are the merged tokens, so it runs in the merged space.
+    A plan that only reorders the tokens leaves the output unchanged with the adapter on (its path is exercised:
+    the output differs from the adapter off), and ratio 0 and remove() are bit-identical."""
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+
+    model = sd3()
+    torch.manual_seed(0)
+    for block in model.transformer_blocks:
+        block.attn.set_processor(SD3IPAdapterJointAttnProcessor2_0(hidden_size=32, ip_hidden_states_dim=16, head_dim=8,
+                                                                   timesteps_emb_dim=32, scale=1.0))
+    gen = torch.Generator().manual_seed(1)
+    ip = {"ip_hidden_states": torch.randn(2, 4, 16, generator=gen), "temb": torch.randn(2, 32, generator=gen)}
+
+    def run(ip_kwargs):
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 4, LATENT, LATENT, generator=gen).repeat(2, 1, 1, 1)
+        with torch.no_grad():
+            return model(x, encoder_hidden_states=torch.randn(2, TEXT, 32, generator=gen),
+                         pooled_projections=torch.randn(2, 64, generator=gen), timestep=torch.full((2,), 500.0),
+                         joint_attention_kwargs=dict(ip_kwargs) if ip_kwargs else None).sample
+
+    with_ip, without = run(ip), run(None)
+    assert not torch.allclose(with_ip, without, atol=1e-4)
+    with tokenmerge.patched(model, ToMe(ratio=0.0)):
+        assert torch.equal(run(ip), with_ip)
+    with tokenmerge.patched(model, Shuffle(ratio=0.5, min_tokens=0, layers=(0.0, 1.0))):
+        torch.testing.assert_close(run(ip), with_ip, atol=1e-5, rtol=1e-5)
+    with tokenmerge.patched(model, ImportanceMerge(ratio=0.5, min_tokens=0, seed=0, layers=(0.0, 1.0))):
+        merged = run(ip)
+    assert torch.isfinite(merged).all() and not torch.allclose(merged, with_ip, atol=1e-5)
+    assert torch.equal(run(ip), with_ip)

@@ -17,7 +17,7 @@ from tokenmerge.plan import MergePlan
 from tokenmerge.signals import wan_text_map
 from tokenmerge.tools.tiny import tiny_denoiser
 
-from .helpers import no_hooks_left
+from .helpers import Shuffle, no_hooks_left
 from .kit import FamilyConformance
 
 HAS_WAN = tuple(int(part) for part in diffusers.__version__.split(".")[:2]) >= (0, 35)
@@ -110,18 +110,6 @@ def test_per_frame_plans_keep_each_token_in_its_frame_and_pairs_span_two_frames(
         assert bool(crossing.any()) == (frames_per_cell == 2)
 
 
-@dataclasses.dataclass(frozen=True)
-class Shuffle(ToMe):
-    """Keeps every token of what it plans, in a random order per row: attention is permutation-equivariant when
-    each token carries its own position, so the output must not move (up to float summation order)."""
-
-    def make_plan(self, x, ctx):
-        batch, tokens, _ = x.shape
-        kept = torch.stack([torch.randperm(tokens, generator=torch.Generator().manual_seed(b)) for b in range(batch)])
-        assign = torch.empty_like(kept).scatter_(1, kept, torch.arange(tokens).expand(batch, -1))
-        return MergePlan(kept=kept, assign=assign, num_dst=tokens)
-
-
 @pytest.mark.parametrize("frames_per_cell", [1, 2])
 def test_tokens_in_another_order_keep_their_3d_positions_through_the_whole_model(frames_per_cell, monkeypatch):
     model = wan()
@@ -174,6 +162,28 @@ def test_frame_layout_folds_frame_groups_and_joins_plans_over_the_sequence():
         torch.testing.assert_close(layout.fold(unmerged, part), expected)
     assert joined.num_dst == sum(part.groups * plan.num_dst for part, plan in made.items())
     assert (joined.roles().view(2, 30) == 1).sum(1).tolist() == [joined.num_dst] * 2
+
+
+def test_a_part_that_does_not_merge_is_kept_whole_beside_a_weighted_one():
+    """One part planned None (kept whole), the other with per-token weights (ReToM's alpha): the joined plan's
+    merge is each part's own, token for token."""
+    layout = FrameLayout(frames=5, height=2, width=3, frames_per_cell=2)
+    x = torch.randn(2, 30, 4)
+    made = {}
+
+    def plan_part(folded, part):
+        if part.frames == 1:
+            return None
+        plan = ToMe(ratio=0.5, seed=0, use_rand=False).make_plan(folded, _ctx(layout.grid(part)))
+        weight = torch.rand(plan.assign.numel(), 1, generator=torch.Generator().manual_seed(0)) + 0.5
+        made[part] = MergePlan(kept=plan.kept, assign=plan.assign, num_dst=plan.num_dst, merge_weight=weight)
+        return made[part]
+
+    joined = layout.plan(x, plan_part)
+    merged = joined.unmerge(joined.merge(x))
+    alone, pairs = layout.parts
+    torch.testing.assert_close(layout.fold(merged, alone), layout.fold(x, alone))
+    torch.testing.assert_close(layout.fold(merged, pairs), made[pairs].unmerge(made[pairs].merge(layout.fold(x, pairs))))
 
 
 def _ctx(grid):

@@ -160,8 +160,8 @@ class Adapter:
 
         return BlockPatch(state, target)
 
-    def frame_layout(self, grid: tuple[int, int], tokens: int, config) -> FrameLayout | None:
-        """How a block's ``tokens`` hold video frames on ``grid`` (:mod:`tokenmerge.frames`); None: each batch row is
+    def frame_layout(self, grid: tuple[int, int], config) -> FrameLayout | None:
+        """How a block's tokens hold video frames of ``grid`` (:mod:`tokenmerge.frames`); None: each batch row is
         one image's grid."""
         return None
 

@@ -138,7 +138,7 @@ class WanAdapter(TransformerAdapter):
             )
         return height, width
 
-    def frame_layout(self, grid: tuple[int, int], tokens: int, config) -> FrameLayout:
+    def frame_layout(self, grid: tuple[int, int], config) -> FrameLayout:
         return FrameLayout(self.frames, *grid, config.frames_per_cell)
 
     @staticmethod
