@@ -7,6 +7,7 @@ touch and which cost under 1% of a step.
 
     python benchmarks/block_subset_cpu.py --model flux1dev --size 1024 --rounds 3
     python benchmarks/block_subset_cpu.py --model wan21 --size 480x832 --rounds 3   (1 of 30 blocks, 81 frames)
+    python benchmarks/block_subset_cpu.py --model sd35m --size 1024 --rounds 2 --full   (SD3.5M fits: every block)
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ def main() -> None:
     parser.add_argument("--size", type=parse_size, default=1024, help="pixels, N or HxW")
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--full", action="store_true", help="every block: the whole model, where memory allows")
     args = parser.parse_args()
     config = bench.model_config(args.model)
-    config.update(SUBSETS[config["_class_name"]])
+    subset = {} if args.full else SUBSETS[config["_class_name"]]
+    config.update(subset)
     denoiser = build_denoiser(config, "cpu", torch.float32)
     inputs, kwargs = example_inputs(denoiser, args.size, 1, "cpu", torch.float32)
     importance = {}
@@ -67,17 +70,13 @@ def main() -> None:
                 step()
                 times[name].append(time.perf_counter() - start)
     base = statistics.median(times["unpatched"])
-    print(f"{args.model} subset {SUBSETS[config_class(denoiser)]} at {bench.size_label(args.size)} px, CPU float32, ratio {args.ratio:g}, "
+    print(f"{args.model} {'in full' if args.full else f'subset {subset}'} at {bench.size_label(args.size)} px, CPU float32, ratio {args.ratio:g}, "
           f"{args.rounds} interleaved rounds, medians:")
     print("| variant | s per call | speed-up | rounds (s) |")
     print("| --- | --- | --- | --- |")
     for name, samples in times.items():
         median = statistics.median(samples)
         print(f"| {name} | {median:.2f} | {base / median:.2f}x | {', '.join(f'{s:.2f}' for s in samples)} |")
-
-
-def config_class(denoiser) -> str:
-    return type(denoiser).__name__
 
 
 if __name__ == "__main__":

@@ -42,6 +42,10 @@ class GridOf8x8:
     def grid(latent_hw, target, num_tokens):
         return 8, 8
 
+    @staticmethod
+    def frame_layout(grid, config):
+        return None  # an image's grid, no video frames
+
 
 def test_a_block_called_by_keyword_merges_as_one_called_positionally():
     torch.manual_seed(0)

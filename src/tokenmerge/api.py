@@ -135,10 +135,11 @@ def apply(model: Model, config: MethodConfig, *, on_plan: Callable[[PlanEvent], 
     if pipeline is not None:
         prepare_pipeline(pipeline)
         denoiser, pipeline = find_denoiser(model)
+    refuse_compiled(denoiser, "apply")
     adapter = adapter_for(denoiser)
     if pipeline is not None:
         adapter.attach(pipeline)
-    for expert in adapter.experts:
+    for expert in adapter.experts[1:]:
         refuse_compiled(expert, "apply")
     config = resolve(config, adapter.family)
     adapter.check(config)
