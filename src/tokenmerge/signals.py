@@ -134,6 +134,7 @@ def _install_map(state, adapter, target) -> None:
     joint = target.kind.cross_attention is None
     attn = target.part(target.kind.self_attention if joint else target.kind.cross_attention)
     signature = Signature.of(attn)
+    wan = not joint and is_wan_attention(attn)  # told once here: the hook is traced under torch.compile
 
     def before_attn2(module, args, kwargs):
         if state.skipping or state.repeat:  # the map is the conditional call's (the first of a two-call CFG step)
@@ -147,7 +148,7 @@ def _install_map(state, adapter, target) -> None:
             if joint:
                 rotary = signature.read(args, kwargs, target.kind.rotary) if target.kind.rotary else None
                 scores = joint_text_map(module, hidden, context, rotary)
-            elif is_wan_attention(module):
+            elif wan:
                 scores = wan_text_map(module, hidden, context)
             else:
                 scores = crossattn_map(module, hidden, context, signature.read(args, kwargs, "attention_mask"))
