@@ -27,6 +27,17 @@ def test_reads_and_replaces_positional_and_keyword_arguments():
     assert signature.replace((), {"hidden_states": x}, "hidden_states", y) == ((), {"hidden_states": y})
 
 
+def test_a_forward_replaced_on_the_instance_is_read_from_the_class():
+    """DeepCache replaces ``unet.forward`` with a bare ``(*args, **kwargs)`` wrapper: the names come from the class."""
+    block = BasicTransformerBlock(32, 2, 16)
+    inner = block.forward
+    block.forward = lambda *args, **kwargs: inner(*args, **kwargs)
+    signature = Signature.of(block)
+    assert signature.positions["hidden_states"] == 0 and signature.positions["attention_mask"] == 1
+    x = torch.zeros(1, 4, 32)
+    assert signature.read((x,), {}, "hidden_states") is x
+
+
 def test_an_unknown_argument_is_an_error_not_a_silent_keyword():
     block = torch.nn.Linear(2, 2)  # forward(input): no **kwargs
     with pytest.raises(TypeError, match="Linear.forward takes no argument 'hidden_states'"):

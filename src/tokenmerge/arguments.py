@@ -28,7 +28,11 @@ class Signature:
 
     @classmethod
     def of(cls, module: nn.Module) -> Signature:
+        """Read from ``module.forward``; where a wrapper replaced it on the instance with a bare ``(*args,
+        **kwargs)`` (DeepCache's ``DeepCacheSDHelper`` does, on the U-Net and its blocks), from its class's."""
         parameters = list(inspect.signature(module.forward).parameters.values())
+        if all(p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for p in parameters):
+            parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]
         positional = [p.name for p in parameters if p.kind in _POSITIONAL]
         return cls(type(module).__name__, {name: i for i, name in enumerate(positional)},
                    frozenset(p.name for p in parameters),
