@@ -22,6 +22,7 @@ import torch
 import tokenmerge
 from tokenmerge.models import example_inputs
 from tokenmerge.tools import bench
+from tokenmerge.tools.options import one_size
 from tokenmerge.tools.tiny import build_denoiser
 
 SUBSETS = {"FluxTransformer2DModel": dict(num_layers=1, num_single_layers=2),
@@ -29,15 +30,10 @@ SUBSETS = {"FluxTransformer2DModel": dict(num_layers=1, num_single_layers=2),
            "WanTransformer3DModel": dict(num_layers=1)}
 
 
-def parse_size(text: str) -> int | tuple[int, int]:
-    height, _, width = text.partition("x")
-    return (int(height), int(width)) if width else int(height)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="flux1dev")
-    parser.add_argument("--size", type=parse_size, default=1024, help="pixels, N or HxW")
+    parser.add_argument("--size", type=one_size, default=1024, help="pixels, N or HxW")
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--full", action="store_true", help="every block: the whole model, where memory allows")

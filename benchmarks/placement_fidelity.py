@@ -16,14 +16,10 @@ import torch
 import tokenmerge
 from tokenmerge.models import example_inputs
 from tokenmerge.tools import bench
+from tokenmerge.tools.options import one_size
 from tokenmerge.tools.tiny import build_denoiser
 
 from placement_flops import PLACEMENTS
-
-
-def parse_size(text: str) -> int | tuple[int, int]:
-    height, _, width = text.partition("x")
-    return (int(height), int(width)) if width else int(height)
 
 #: The config fields that set a transformer's width, per class: (heads, head dim, text width, pooled width).
 NARROW = {
@@ -39,7 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="flux1dev")
     parser.add_argument("--ratios", default="0.5,0.75")
-    parser.add_argument("--size", type=parse_size, default=512, help="pixels, N or HxW (the token grid of this size)")
+    parser.add_argument("--size", type=one_size, default=512, help="pixels, N or HxW (the token grid of this size)")
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
     config = bench.model_config(args.model)

@@ -15,7 +15,7 @@ from PIL import Image
 import tokenmerge
 from tokenmerge.models import example_inputs
 from tokenmerge.tools import bench, cli
-from tokenmerge.tools.options import parse_names, size_list
+from tokenmerge.tools.options import one_size, parse_names, size_list
 from tokenmerge.tools.tiny import build_denoiser, tiny_unet
 
 
@@ -105,6 +105,9 @@ def test_zero123pp_runs_its_reference_pass_and_merges_the_tiled_views(tmp_path):
     assert size_list("512, 960x640") == (512, (960, 640))
     with pytest.raises(argparse.ArgumentTypeError, match="height x width"):
         size_list("960x")
+    assert one_size("480x832") == (480, 832) and one_size("1024") == 1024
+    with pytest.raises(argparse.ArgumentTypeError, match="one image size"):
+        one_size("512,768")
 
 
 def test_the_lcm_keeps_its_importance_preset_and_video_gets_a_map_per_frame_grid():

@@ -125,3 +125,11 @@ def size_list(text: str) -> tuple[Size, ...]:
         raise argparse.ArgumentTypeError(f"expected image sizes in pixels, multiples of 8, such as 512,1024 or "
                                          f"960x640 (height x width); got {text!r}")
     return sizes
+
+
+def one_size(text: str) -> Size:
+    """argparse type: one image size, ``"1024"`` or ``"480x832"`` (height x width), as :func:`size_list` reads it."""
+    sizes = size_list(text)
+    if len(sizes) != 1:
+        raise argparse.ArgumentTypeError(f"expected one image size, such as 1024 or 480x832; got {text!r}")
+    return sizes[0]
