@@ -16,9 +16,10 @@ DeepCache = pytest.importorskip("DeepCache")
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    pipe = tiny_pipeline("sd1")
+@pytest.fixture(scope="module", params=["sd1", "sdxl"])
+def pipe(request):
+    pipe = tiny_pipeline(request.param)
+    pipe.kind = request.param
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -56,10 +57,11 @@ def test_both_run_each_is_removable_and_both_gone_is_unpatched(pipe, config, mer
         helper.enable()
         tokenmerge.apply(pipe, config, on_plan=events.append)
     both = run(pipe)
-    # The patched blocks (the highest-resolution level) are DeepCache's shallow branch: they run, merged, in every
-    # step, cached or not, and the step clock counts the sampler's steps.
-    assert sorted({e.step for e in events}) == list(range(STEPS))
-    assert all(e.plan is not None for e in events)
+    # SD 1.x: the patched blocks (the highest-resolution level) are DeepCache's shallow branch: they run, merged, in
+    # every step, cached or not. SDXL's first level has no attention: its patched blocks are in the deep branch, which
+    # runs (and plans) only in the steps DeepCache computes (every cache_interval-th). The clock counts every step.
+    assert sorted({e.step for e in events}) == (list(range(STEPS)) if pipe.kind == "sd1" else [0, 2])
+    assert all(e.plan is not None for e in events) and tokenmerge.api.state_of(pipe).clock.step == STEPS - 1
     assert not torch.allclose(both, cached, atol=1e-4) and not torch.allclose(both, merged, atol=1e-4)
     if merge_first:
         helper.disable()

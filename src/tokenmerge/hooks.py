@@ -32,7 +32,7 @@ from collections.abc import Iterator
 
 import torch
 
-from . import attention
+from . import attention, caches
 from .arguments import Signature
 from .methods.base import PlanContext
 from .models.base import PatchTarget
@@ -96,13 +96,23 @@ def _install_call_hooks(state: PatchState, denoiser: torch.nn.Module) -> None:
     state.handles.append(denoiser.register_forward_hook(give_back_rng, always_call=True))
 
 
+def merged_parts(target: PatchTarget, submodules: list[torch.nn.Module]) -> dict[torch.nn.Module, tuple[str, str]]:
+    """The parts of ``target`` merged around: module -> (its name, the config field that leaves it whole)."""
+    kind = target.kind
+    fields = (("merge_attn", kind.self_attention), ("merge_attn", kind.dual_attention),
+              ("merge_crossattn", kind.cross_attention), ("merge_mlp", kind.mlp))
+    return {part: (f"{target.name}.{name}", field) for field, name in fields
+            if (part := target.part(name)) is not None and any(part is module for module in submodules)}
+
+
 class BlockPatch:
     """Hooks of one transformer block: the plan lives here between the block's pre- and post-hook."""
 
     def __init__(self, state: PatchState, target: PatchTarget) -> None:
         self.state = state
         self.target = target
-        self.plan: MergePlan | None = None
+        self.plan: MergePlan | None = None  # this block call's, built on first use from the block input (pending)
+        self.pending: torch.Tensor | None = None
         self.channel_bias: attention.ChannelBias | None = None  # bias_via="channel", during a merged attention call
         self.queries_kept = False  # merge_queries=False, during a merged attention call
         self.rotation: Rotation | None = None  # the kept tokens' rotary rows, during a merged attention call (FLUX)
@@ -115,9 +125,11 @@ class BlockPatch:
         handles = self.state.handles
         config = self.state.config
         # A Python callback per plan (on_plan, for inspection) is left out of compiled graphs: that hook runs eagerly.
-        make_plan = self._make_plan if self.state.on_plan is None else torch.compiler.disable(self._make_plan)
-        handles.append(block.register_forward_pre_hook(make_plan, with_kwargs=True))
+        if self.state.on_plan is not None:
+            self._build_plan = torch.compiler.disable(self._build_plan)
+        handles.append(block.register_forward_pre_hook(self._take_input, with_kwargs=True))
         handles.append(block.register_forward_hook(self._drop_plan))
+        self.state.merged_parts.update(merged_parts(self.target, submodules))
         attention, mlp = self.target.part(kind.self_attention), self.target.part(kind.mlp)
         # FLUX's single stream: attention and MLP outputs stay merged into proj_out, whose output is unmerged.
         fused = kind.fused_out is not None and any(m is attention for m in submodules) and any(
@@ -177,18 +189,27 @@ class BlockPatch:
 
         handles.append(attn.to_out[0].register_forward_pre_hook(unpad))
 
-    def _make_plan(self, module, args, kwargs):
-        state = self.state
+    def _take_input(self, module, args, kwargs):
+        """Block pre-hook: keep the block input; the plan is built from it when a part first needs it
+        (:meth:`_current_plan`), so a block a cache skips (FirstBlockCache, MagCache: called, but its parts are not)
+        costs no plan."""
         text_first = self.target.kind.text_first
         self.text_len = self.signature.read(args, kwargs, text_first).shape[1] if text_first is not None else 0
-        if state.skipping:  # a pass left whole (Zero123++'s reference image, SD3's layer-skip call)
-            self.plan = None
-            return
-        config = state.config
-        x = self.signature.read(args, kwargs, self.target.kind.tokens)
+        self.plan = None
+        # A pass left whole (Zero123++'s reference image, SD3's layer-skip call) gets no plan.
+        self.pending = None if self.state.skipping else self.signature.read(args, kwargs, self.target.kind.tokens)
+
+    def _current_plan(self) -> MergePlan | None:
+        """This block call's plan, built from the block input on first use."""
+        if self.pending is not None:
+            x, self.pending = self.pending, None
+            self.plan = self._build_plan(x)
+        return self.plan
+
+    def _build_plan(self, x: torch.Tensor) -> MergePlan | None:
+        state, config = self.state, self.state.config
         batch, tokens, channels = x.shape
         if not config.merges(batch, tokens, channels, x.device.type):  # too small to pay: as is, and reported
-            self.plan = None
             state.skipped[self.target.name] = tokens
             if not torch.compiler.is_compiling() and not state.told_floor:
                 state.told_floor = True  # once per patch: the user learns why there is no speed-up
@@ -200,12 +221,13 @@ class BlockPatch:
             if state.on_plan is not None:
                 grid = state.adapter.grid(state.latent_hw, self.target, tokens)
                 state.on_plan(PlanEvent(state.clock.step, self.target.name, grid, None, None, state.prune_phase))
-            return
+            return None
         key = config.share_key(self.target.level, self.target.stage)
         hold_key = key or self.target.name
-        self.plan, ctx = self._find_plan(x, key, hold_key)
-        state.step_plans[hold_key] = (self.plan, ctx, (batch, tokens))
-        self._report(ctx)
+        plan, ctx = self._find_plan(x, key, hold_key)
+        state.step_plans[hold_key] = (plan, ctx, (batch, tokens))
+        self._report(plan, ctx)
+        return plan
 
     def _find_plan(self, x: torch.Tensor, key: object, hold_key: object) -> tuple[MergePlan, PlanContext]:
         """The plan of this call: one already made for it (the step's first call's, for the second call of a
@@ -261,19 +283,19 @@ class BlockPatch:
                            prune_phase=state.prune_phase, importance=importance, block=target.name,
                            level=target.level, stage=target.stage, bottleneck=target.bottleneck)
 
-    def _report(self, ctx: PlanContext) -> None:
+    def _report(self, plan: MergePlan | None, ctx: PlanContext) -> None:
         on_plan = self.state.on_plan
         if on_plan is not None:
-            on_plan(PlanEvent(self.state.clock.step, self.target.name, ctx.grid, self.plan, ctx.importance,
+            on_plan(PlanEvent(self.state.clock.step, self.target.name, ctx.grid, plan, ctx.importance,
                               ctx.prune_phase))
 
     def _drop_plan(self, module, args, output):
-        self.plan = None
+        self.plan = self.pending = None
 
     def _merge_self_attention(self, signature, module, args, kwargs):
         self.channel_bias = None
         self.queries_kept = False
-        if self.plan is None:
+        if self._current_plan() is None:
             return None
         if signature.read(args, kwargs, "encoder_hidden_states") is not None:  # joint: the image part is merged
             config = self.state.config
@@ -298,7 +320,7 @@ class BlockPatch:
         return self._unmerge(module, args, output)
 
     def _merge(self, signature, module, args, kwargs):
-        if self.plan is not None:
+        if self._current_plan() is not None:
             if kwargs.get("ip_adapter_masks") is not None:
                 raise ValueError(
                     f"tokenmerge: merge_crossattn=True merges the queries of {self.target.name}'s cross-attention, "
@@ -307,31 +329,45 @@ class BlockPatch:
                     "mask would not line up with the tokens. Use merge_crossattn=False (the default) with masks."
                 )
             name = signature.first
-            return signature.replace(args, kwargs, name, self._merge_tokens(signature.read(args, kwargs, name)))
+            return signature.replace(args, kwargs, name,
+                                     self._merge_tokens(signature.read(args, kwargs, name), self.plan))
         return None
 
     def _unmerge(self, module, args, output):
-        if self.plan is None:
+        plan = self._plan_of(module, output)
+        if plan is None:
             return None
         if isinstance(output, tuple):  # a joint attention's (image, text): the text was never merged
-            return (self._unmerge_tokens(output[0]), *output[1:])
-        return self._unmerge_tokens(output)
+            return (self._unmerge_tokens(output[0], plan), *output[1:])
+        return self._unmerge_tokens(output, plan)
 
-    def _merge_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def _plan_of(self, module: torch.nn.Module, output: object) -> MergePlan | None:
+        """The plan ``output`` was computed under: this call's, or, where a cache hands back an earlier call's output
+        as it was (PyramidAttentionBroadcast), that call's (:mod:`tokenmerge.caches`)."""
+        if not caches.reuses_outputs(module):
+            return self.plan
+        first = output[0] if isinstance(output, tuple) else output
+        made = self.state.outputs_made.get(module)
+        if made is not None and made[0] is first:
+            return made[1]
+        self.state.outputs_made[module] = (first, self.plan)
+        return self.plan
+
+    def _merge_tokens(self, x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
         """The plan's merge of the image tokens; text rows in front (``text_len``) pass whole."""
         if not self.text_len:
-            return self.plan.merge(x)
-        return torch.cat([x[:, : self.text_len], self.plan.merge(x[:, self.text_len:])], dim=1)
+            return plan.merge(x)
+        return torch.cat([x[:, : self.text_len], plan.merge(x[:, self.text_len:])], dim=1)
 
-    def _unmerge_tokens(self, y: torch.Tensor) -> torch.Tensor:
+    def _unmerge_tokens(self, y: torch.Tensor, plan: MergePlan) -> torch.Tensor:
         if not self.text_len:
-            return self.plan.unmerge(y)
-        return torch.cat([y[:, : self.text_len], self.plan.unmerge(y[:, self.text_len:])], dim=1)
+            return plan.unmerge(y)
+        return torch.cat([y[:, : self.text_len], plan.unmerge(y[:, self.text_len:])], dim=1)
 
     def _merge_rotated(self, signature, module, args, kwargs):
         """An attention with rotary positions (FLUX, Wan): image tokens merged, the kept tokens' rows rotate them."""
         self.rotation = None
-        if self.plan is None:
+        if self._current_plan() is None:
             return None
         if kwargs.get("ip_hidden_states") is not None:
             raise ValueError(
@@ -353,4 +389,12 @@ class BlockPatch:
 
     def _after_rotated(self, unmerge: bool, module, args, output):
         self.rotation = None
-        return self._unmerge(module, args, output) if unmerge else None
+        if unmerge:
+            return self._unmerge(module, args, output)
+        # FLUX's single stream: the output stays merged into proj_out, beside this call's merged MLP output; one a
+        # cache reused from an earlier call is moved from that call's plan to this one's.
+        made = self._plan_of(module, output)
+        if made is self.plan:
+            return None
+        tokens = output if made is None else self._unmerge_tokens(output, made)
+        return tokens if self.plan is None else self._merge_tokens(tokens, self.plan)

@@ -23,7 +23,7 @@ from torch import nn
 from ..hooks import BlockPatch
 from ..methods.base import PlanContext
 from ..methods.tome import cell_matching
-from ..plan import DEVICE_RNG, plan_from_matching
+from ..plan import DEVICE_RNG, MergePlan, plan_from_matching
 from .base import ExampleShape, PatchTarget
 from .unet import UNetAdapter, unet_targets
 
@@ -112,11 +112,10 @@ def text_per_frame(text: torch.Tensor, frames: int) -> torch.Tensor:
 class TemporalPatch(BlockPatch):
     """A motion-module block: ToMe's matching along the frames, at ``config.temporal_ratio``."""
 
-    def _make_plan(self, module, args, kwargs):
+    def _build_plan(self, x: torch.Tensor) -> MergePlan | None:
         state = self.state
-        x = self.signature.read(args, kwargs, self.target.kind.tokens)
         ctx = PlanContext(grid=(x.shape[1], 1), generator=DEVICE_RNG, block=self.target.name,
                           level=self.target.level, stage=self.target.stage)
         with torch.no_grad():
             matching = cell_matching(x.detach(), ctx, state.config.temporal_ratio, sx=1, sy=2, use_rand=True)
-        self.plan = None if matching is None else plan_from_matching(*matching, x.shape[1])
+        return None if matching is None else plan_from_matching(*matching, x.shape[1])
