@@ -8,7 +8,7 @@ from typing import TypeVar
 
 from torch import nn
 
-from .caches import refuse_extrapolating
+from . import caches
 from .hooks import install_denoiser_hooks, merged_parts
 from .methods.base import MethodConfig
 from .models import adapter_for, prepare_pipeline
@@ -154,8 +154,8 @@ def apply(model: Model, config: MethodConfig, *, on_plan: Callable[[PlanEvent], 
             f"tokenmerge: {type(config).__name__}.temporal_ratio={config.temporal_ratio} but no motion-module block "
             f"runs at the merged levels of {type(denoiser).__name__}; raise max_downsample or leave it at 0"
         )
-    refuse_extrapolating({part: where for target, submodules in patches + temporal
-                          for part, where in merged_parts(target, submodules).items()})
+    caches.scan({part: where for target, submodules in patches + temporal
+                 for part, where in merged_parts(target, submodules).items()})  # raises for a cache it cannot stack with
     crossattn = is_signal(config.signal, "crossattn")
     if crossattn:
         adapter.importance_targets()  # raises, naming the alternatives, on a model without cross-attention

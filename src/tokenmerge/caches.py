@@ -9,8 +9,11 @@ Caches reuse work across steps; merging cuts the work of each step. Where they m
   plan, so it is unmerged with that plan (``hooks.BlockPatch._plan_of``), exactly what broadcasting the attention of
   a merged model means;
 * is extrapolated from several earlier outputs (TaylorSeer on a part, FasterCache's attention approximation): those
-  outputs hold tokens merged under different plans, so no plan can unmerge their combination. Refused
-  (:func:`refuse_extrapolating`), naming what stacks instead.
+  outputs hold tokens merged under different plans, so no plan can unmerge their combination. Refused, naming what
+  stacks instead.
+
+:func:`scan` looks at the merged parts when ``apply`` runs and at every denoiser call (a cache may be enabled after
+``apply``), outside any compiled graph.
 
 diffusers keeps its hooks in ``module._diffusers_hook`` (a ``HookRegistry`` replacing the module's ``forward``);
 tokenmerge's hooks are torch hooks around that ``forward``, so both run in either order of enabling and each is
@@ -50,10 +53,10 @@ def extrapolating_cache(module: nn.Module) -> str | None:
     return None
 
 
-def refuse_extrapolating(parts: dict[nn.Module, tuple[str, str]]) -> None:
-    """Raise if a cache extrapolates the output of a part tokenmerge merges around.
+def scan(parts: dict[nn.Module, tuple[str, str]]) -> frozenset[nn.Module]:
+    """The parts whose earlier outputs a cache may hand back; raises if a cache extrapolates a part's output.
 
-    ``parts``: module -> (its name, the config field that leaves it whole)."""
+    ``parts``: the parts tokenmerge merges around, module -> (its name, the config field that leaves it whole)."""
     for module, (name, field) in parts.items():
         cache = extrapolating_cache(module)
         if cache is None:
@@ -65,3 +68,4 @@ def refuse_extrapolating(parts: dict[nn.Module, tuple[str, str]]) -> None:
             "PyramidAttentionBroadcast, TaylorSeerCacheConfig(use_lite_mode=True)), keep the cache off the merged "
             f"parts (its identifiers), or leave this part whole ({field}=False)."
         )
+    return frozenset(module for module in parts if reuses_outputs(module))

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 
 import torch
 
-from . import attention, caches
+from . import attention
 from .arguments import Signature
 from .methods.base import PlanContext
 from .models.base import PatchTarget
@@ -344,7 +344,7 @@ class BlockPatch:
     def _plan_of(self, module: torch.nn.Module, output: object) -> MergePlan | None:
         """The plan ``output`` was computed under: this call's, or, where a cache hands back an earlier call's output
         as it was (PyramidAttentionBroadcast), that call's (:mod:`tokenmerge.caches`)."""
-        if not caches.reuses_outputs(module):
+        if module not in self.state.reusing:
             return self.plan
         first = output[0] if isinstance(output, tuple) else output
         made = self.state.outputs_made.get(module)

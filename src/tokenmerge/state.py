@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .caches import refuse_extrapolating
+from . import caches
 from .methods.base import CFG, CFG_COND_FIRST, INSTRUCT_PIX2PIX, PAG, PAG_CFG, GuidedBatch, MethodConfig, PlanContext
 from .plan import MergePlan
 
@@ -184,12 +184,13 @@ class PatchState:
         self.told_floor = False  # a skipped block was logged (once per patch)
         self._pooled: dict[tuple[int, int], torch.Tensor | None] = {}
         self.merged_parts: dict[torch.nn.Module, tuple[str, str]] = {}  # part -> (name, field): caches.py
-        self.outputs_made: dict[torch.nn.Module, tuple] = {}  # part -> (its last output, the plan it was made under)
+        self.reusing: frozenset[torch.nn.Module] = frozenset()  # parts whose outputs a cache may hand back (PAB)
+        self.outputs_made: dict[torch.nn.Module, tuple] = {}  # such a part -> (its last output, the plan it was made under)
         self._run_is_cfg: bool | None = None  # a pipeline without a guidance flag: read once per run
 
     # -- called by the denoiser hooks ------------------------------------------------------------
     def begin_call(self, sample: torch.Tensor, timestep: object, latent_hw: tuple[int, int] | None = None) -> None:
-        refuse_extrapolating(self.merged_parts)  # a cache may be enabled after apply
+        self.reusing = caches.scan(self.merged_parts)  # a cache may be enabled after apply
         new_run = self.clock.tick(timestep, self.follows_run)
         self.repeat = self.clock.repeat
         if new_run:

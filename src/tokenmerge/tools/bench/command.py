@@ -12,6 +12,7 @@ import torch
 
 from ...methods.base import SHARE_PLAN
 from ..options import ATTENTION_MODES, at_least, name_list, parse_names, ratio_list, size_list
+from ..caches import CacheSpec, parse_cache
 from ..reports import write_csv
 from ..runtime import DTYPES, resolve_device
 from .report import CSV_FIELDS, bench_table, command_line, write_plot
@@ -52,7 +53,23 @@ def complete_args(args: argparse.Namespace, usage_error: Callable[[str], None]) 
                         f"{', '.join(backends)} (inductor for speed)")
     elif args.compile_backend != "inductor":
         usage_error("--compile-backend is only used with --compile MODE (e.g. --compile default)")
+    if args.cache is not None and (args.steps < 2 or args.compile):
+        usage_error("--cache times a run of steps: give --steps 2 or more (e.g. --steps 10), without --compile")
     return args
+
+
+def cache_spec(text: str) -> CacheSpec:
+    """``--cache``: a cache with a fixed schedule (an adaptive one's skips depend on the trained weights' outputs,
+    which bench's random weights do not have)."""
+    try:
+        spec = parse_cache(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if spec.name != "deepcache":
+        raise argparse.ArgumentTypeError(
+            f"bench times random weights, so it stacks only caches with a fixed schedule (deepcache); measure "
+            f"{spec.name} on a trained model with tokenmerge eval --cache {text}")
+    return spec
 
 
 def register(commands) -> argparse.ArgumentParser:
@@ -89,6 +106,10 @@ def register(commands) -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=at_least(1), default=1,
                        help="denoiser calls per timed sample, in one patched run (its step clock advances, so "
                             "plan_every reuses plans); times, FLOPs and plan time are reported per call (default 1)")
+    bench.add_argument("--cache", type=cache_spec, metavar="SPEC",
+                       help="stack a caching accelerator with a fixed schedule: deepcache[:interval=3,branch=0] "
+                            "(U-Nets): every variant is timed again with it (named METHOD+CACHE, the cache alone "
+                            "CACHE) over a run of --steps timesteps from 999 down (needs --steps >= 2)")
     bench.add_argument("--compile", choices=("default", "reduce-overhead", "max-autotune"), default=None,
                        help="time torch.compile'd denoisers (this mode), unpatched and patched alike: each variant "
                             "is a patched copy compiled once in the warm-up (default: eager)")

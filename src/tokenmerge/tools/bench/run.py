@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import statistics
+import types
 from collections.abc import Callable
 
 import torch
@@ -13,24 +15,29 @@ from torch import nn
 
 from ...hooks import floor_warnings_off
 from ...models import example_inputs
+from ..caches import CacheSpec, cache_enabled
 from ..options import UNPATCHED, Size
 from ..reports import log
 from ..tiny import build_denoiser
 from .measure import LiveBytes, compiled_runs, count_flops, measure, plan_seconds, weight_bytes
 from .report import CSV_FIELDS
 from .variants import FIELD_OPTIONS, TimedVariant, make_variant
-from .zoo import MODELS, TINY_SIZE, latent_size, model_config, size_label
+from .zoo import MODELS, TINY_SIZE, is_unet, latent_size, model_config, size_label
 
 
 def bench_resolution(denoiser: nn.Module, size: Size, args: argparse.Namespace) -> list[TimedVariant]:
     """Every variant of one model at one resolution: warm-up, interleaved timed rounds, FLOPs."""
     inputs, kwargs = example_inputs(denoiser, size, args.images, args.device, args.dtype, args.seed)
+    timesteps = run_timesteps(args.steps) if args.cache is not None else None
 
     def make_step(model: nn.Module) -> Callable[[], None]:
         def step() -> None:  # --steps calls in one patched run: its clock advances, plans are reused (plan_every)
             with torch.no_grad():
-                for _ in range(args.steps):
-                    model(*inputs, **kwargs)
+                for index in range(args.steps):
+                    if timesteps is None:
+                        model(*inputs, **kwargs)
+                    else:  # a run of steps, as a sampler makes it (the caches follow the timestep)
+                        model(inputs[0], timesteps[index], *inputs[2:], **kwargs)
         return step
 
     step = make_step(denoiser)
@@ -43,6 +50,8 @@ def bench_resolution(denoiser: nn.Module, size: Size, args: argparse.Namespace) 
                  for ratio in args.ratios for method in args.methods if method != UNPATCHED
                  for share in (args.share_plan if method != "tomesd" else ("block",))
                  for mode in (args.attention if method != "tomesd" else ("default",))]
+    if args.cache is not None:
+        variants += [with_cache(v, args.cache, denoiser, timesteps) for v in variants]
     runnable = [v for v in variants if v.status == "ok"]
     with (compiled_runs(runnable, denoiser, make_step, args) if args.compile
           else contextlib.nullcontext({id(v): functools.partial(measure, v, denoiser, step, args.device)
@@ -64,6 +73,30 @@ def bench_resolution(denoiser: nn.Module, size: Size, args: argparse.Namespace) 
         if variant.config is not None:
             variant.plan_seconds = plan_seconds(variant, denoiser, step, args.device) / args.steps
     return variants
+
+
+def run_timesteps(steps: int) -> torch.Tensor:
+    """``steps`` timesteps evenly spaced from 999 down, each a CPU tensor, as a sampler's run gives them."""
+    return torch.linspace(999, 0, steps + 1)[:-1].round().long()
+
+
+def with_cache(variant: TimedVariant, cache: CacheSpec, denoiser: nn.Module, timesteps: torch.Tensor) -> TimedVariant:
+    """``variant`` with a caching accelerator stacked (``--cache``), named ``METHOD+CACHE``: the cache on a stand-in
+    pipeline (the denoiser as its ``unet``, a scheduler of the run's timesteps), enabled for each timed run."""
+    name = f"{variant.method}+{cache.label}" if variant.method != UNPATCHED else cache.label
+    if variant.status != "ok":
+        return dataclasses.replace(variant, method=name, times=[])
+    if not is_unet(denoiser):
+        return TimedVariant(name, variant.ratio, status="unsupported",
+                            note=f"{cache.name} is timed on U-Nets (DeepCache's helper wraps a U-Net pipeline)")
+    pipe = types.SimpleNamespace(unet=denoiser, scheduler=types.SimpleNamespace(timesteps=timesteps))
+
+    @contextlib.contextmanager
+    def patch(model: nn.Module):
+        with cache_enabled(cache, pipe), variant.patch(model):
+            yield
+
+    return dataclasses.replace(variant, method=name, patch=patch, times=[], skipped={})
 
 
 def sizes_for(model: str, args: argparse.Namespace) -> tuple[Size, ...]:

@@ -61,6 +61,11 @@ def register(commands) -> argparse.ArgumentParser:
     parser.add_argument("--noise-floor", action="store_true",
                         help="add a row of the unpatched model from other noise: the sampling noise of accuracy and "
                              "FD, against which the methods' differences are read")
+    parser.add_argument("--cache", metavar="SPEC",
+                        help="stack a caching accelerator: adds a row of it alone and one of it with each method, "
+                             "against the same unpatched reference; deepcache[:interval=3,branch=0] (U-Net "
+                             "pipelines, the testbed), first-block[:threshold=0.05], pab[:skip=2], "
+                             "taylorseer-lite[:interval=3,warmup=2] (denoisers with enable_cache)")
     parser.set_defaults(handler=run_eval, usage_error=parser.error)
     return parser
 
@@ -74,6 +79,7 @@ def run_eval(args: argparse.Namespace) -> EvalResult:
             device=args.device, dtype=args.dtype, clip_model=args.clip_model, fid_reference=args.fid_reference,
             inception_weights=args.inception_weights, image_root=args.image_root, save_images=args.save_images,
             grid_prompts=args.grid_prompts, progress=not args.no_progress, noise_floor=args.noise_floor,
+            cache=args.cache,
         )
     except EvalError as err:
         args.usage_error(str(err))

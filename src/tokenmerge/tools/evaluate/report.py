@@ -50,7 +50,7 @@ def _rows(variants: list[Variant], computed: dict[str, dict[str, float | None]])
         values = computed[variant.label]
         seconds = values["seconds"] / values["images"]
         row = {name: values.get(name) for name in ROW_FIELDS}
-        row.update(method=variant.method, ratio=variant.ratio, seconds_per_image=seconds,
+        row.update(method=variant.name, ratio=variant.ratio, seconds_per_image=seconds,
                    speedup=reference_time / seconds, n=int(values["images"]))
         rows.append(row)
     return rows

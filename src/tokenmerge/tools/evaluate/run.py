@@ -31,6 +31,8 @@ from .metrics import (
 )
 from .prompts import DEFAULT_SPLIT, PromptSet, check_metric_paths, load_model, load_prompts
 from .report import EvalResult, _rows, write_results
+from ..caches import CacheSpec, cache_enabled, parse_cache
+from ..caches import check as check_cache
 from .variants import DEFAULT_METHODS, NOISE_FLOOR, REFERENCE, EvalError, Variant, parse_methods
 
 
@@ -75,7 +77,7 @@ def evaluate(
     clip_model: str | Path | None = None, fid_reference: str | Path | None = None,
     inception_weights: str | Path | None = None, image_root: str | Path | None = None,
     save_images: bool = False, grid_prompts: int = 6, progress: bool = True, noise_floor: bool = False,
-    log: Callable[[str], None] = print,
+    cache: str | CacheSpec | None = None, log: Callable[[str], None] = print,
 ) -> EvalResult:
     """Evaluate token-merging methods against the unpatched model; write the result files to ``out``.
 
@@ -85,12 +87,21 @@ def evaluate(
     pipeline's default scale. Inputs are checked before any model loads; a bad one raises :class:`EvalError`.
     Runs on one process as is, or sharded under ``accelerate launch`` (every process returns the same rows).
     ``noise_floor``: add a row of the unpatched model from other noise (:data:`NOISE_FLOOR`).
+    ``cache``: a caching accelerator (:mod:`tokenmerge.tools.caches`, e.g. ``"deepcache:interval=3"``) adds a row of
+    it alone and one of it stacked with each method, all against the same unpatched reference.
     """
     from accelerate import PartialState
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     variants = [REFERENCE, *([NOISE_FLOOR] if noise_floor else []), *parse_methods(methods, ratios)]
+    if cache is not None:
+        try:
+            cache = cache if isinstance(cache, CacheSpec) else parse_cache(cache)
+        except ValueError as err:
+            raise EvalError(str(err)) from None
+        merged = [v for v in variants if v.config is not None]
+        variants += [dataclasses.replace(REFERENCE, cache=cache), *(dataclasses.replace(v, cache=cache) for v in merged)]
     if isinstance(prompts, PromptSet):
         prompt_set = prompts
     elif isinstance(prompts, (str, Path)) or prompts is None:
@@ -138,6 +149,11 @@ def evaluate(
         pipe.to(run_device)
         model_name = type(pipe).__name__
     pipe.set_progress_bar_config(disable=True)
+    if cache is not None:
+        try:
+            check_cache(cache, pipe)
+        except ValueError as err:
+            raise EvalError(str(err)) from None
     testbed = isinstance(pipe, TestbedPipeline)
     options: dict[str, Any] = {}
     if guidance is not None:
@@ -257,12 +273,15 @@ def _patched(pipe, variant: Variant, noise_seed: int):
     """The variant's patch for one call (a no-op context for the reference); unseeded configs get the call's seed."""
     import contextlib
 
-    if variant.config is None:
-        return contextlib.nullcontext(pipe)
-    config = variant.config
-    if config.seed is None:
-        config = dataclasses.replace(config, seed=noise_seed)
-    return patched(pipe, config)
+    stack = contextlib.ExitStack()
+    if variant.cache is not None:
+        stack.enter_context(cache_enabled(variant.cache, pipe))
+    if variant.config is not None:
+        config = variant.config
+        if config.seed is None:
+            config = dataclasses.replace(config, seed=noise_seed)
+        stack.enter_context(patched(pipe, config))
+    return stack
 
 
 def _score_batch(outputs: dict[str, torch.Tensor], scores: dict[str, Scores], batch_indices: list[int],

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...methods.base import MethodConfig, config_fields
+from ..caches import CacheSpec
 from ..options import METHODS, UNPATCHED
 
 KNOWN_METHODS = tuple(METHODS)
@@ -27,21 +28,32 @@ class Variant:
     config: MethodConfig | None = None
     #: Added to the noise seed: the noise-floor row is the unpatched model from other noise.
     noise_offset: int = 0
+    #: A caching accelerator stacked with the method (``eval --cache``), or None.
+    cache: CacheSpec | None = None
 
     @property
     def ratio(self) -> float | None:
         return None if self.config is None else self.config.ratio
 
     @property
+    def name(self) -> str:
+        """The results' method column: the method, with the cache stacked on it (the cache alone: its name)."""
+        if self.cache is None:
+            return self.method
+        return self.cache.label if self.config is None else f"{self.method} + {self.cache.label}"
+
+    @property
     def label(self) -> str:
         if self.config is None:
-            return "unpatched" if self.noise_offset == 0 else self.method
-        return f"{self.method} {self.config.ratio:g}"
+            return "unpatched" if self.noise_offset == 0 and self.cache is None else self.name
+        merged = f"{self.method} {self.config.ratio:g}"
+        return merged if self.cache is None else f"{merged} + {self.cache.label}"
 
     @property
     def folder(self) -> str:
         name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", self.method).strip("_")
-        return name if self.config is None else f"{name}-{self.config.ratio:g}"
+        name = name if self.config is None else f"{name}-{self.config.ratio:g}"
+        return name if self.cache is None else f"{name}+{re.sub(r'[^A-Za-z0-9_.=-]+', '_', self.cache.label)}"
 
 
 REFERENCE = Variant(UNPATCHED)
